@@ -1,0 +1,1 @@
+"""Engine build, run, parity, bench and the `omnimoe` command line."""

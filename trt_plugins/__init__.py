@@ -1,0 +1,1 @@
+"""TensorRT IPluginV3 plugins for the OmniMoE custom ops."""
