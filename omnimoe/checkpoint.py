@@ -1,0 +1,297 @@
+"""Checkpoints: native directories (config.json + model.safetensors) and upstream import.
+
+Native layout (SPEC §2): keys as in the upstream flash-algo/omni-moe module. Tensors are read
+through safetensors' memory map and attached to a meta-device module with `assign=True`, so a
+table is never held twice in RAM.
+
+Upstream import (`convert_upstream`): a state_dict from flash-algo/omni-moe `OmniMoE`, possibly
+inside a full-model checkpoint under a prefix such as `model.layers.3.mlp.`. One layer converts to
+one checkpoint directory; a prefix with `*` (`model.layers.*.mlp.`) converts every matching layer
+into its own sub-directory `OUT/<prefix without trailing dot>/` plus an index `OUT/layers.json`.
+"""
+from __future__ import annotations
+
+import fnmatch
+import json
+import math
+import os
+import re
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+
+from .atomic import atomic_path
+from .config import OmniMoEConfig
+from .errors import OmniMoEInputError
+
+CONFIG_FILE = "config.json"
+WEIGHTS_FILE = "model.safetensors"
+_BN_COUNTER = "num_batches_tracked"
+# Checking finiteness row-block by row-block keeps the temporary bool mask small for huge tables.
+_FINITE_CHECK_ELEMENTS = 1 << 24
+
+
+# ---------------------------------------------------------------------------------------------
+# Weight-file access: safetensors (default) or pickle (explicit opt-in only)
+# ---------------------------------------------------------------------------------------------
+class _TensorSource:
+    """Lazy name -> tensor access to a weights file, with shapes known before loading."""
+
+    def __init__(self, path: Path, allow_pickle: bool = False):
+        self.path = path
+        if not path.is_file():
+            raise OmniMoEInputError(f"{path}: no such file")
+        if path.suffix == ".safetensors":
+            try:
+                self._file = safe_open(str(path), framework="pt")
+                self._shapes = {k: tuple(self._file.get_slice(k).get_shape()) for k in self._file.keys()}
+            except (SafetensorError, OSError, ValueError) as e:
+                raise OmniMoEInputError(f"{path}: not a readable safetensors file ({e})") from None
+            self._get = self._file.get_tensor
+        elif path.suffix in (".pt", ".bin", ".pth"):
+            if not allow_pickle:
+                raise OmniMoEInputError(
+                    f"{path}: pickle checkpoints can run code when loaded; pass --allow-pickle to load it with weights_only=True"
+                )
+            try:
+                state = torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
+            except Exception as e:  # torch raises many types for corrupt/unsafe pickles
+                raise OmniMoEInputError(f"{path}: cannot load with weights_only=True ({type(e).__name__}: {e})") from None
+            if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
+                state = state["state_dict"]
+            if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+                raise OmniMoEInputError(f"{path}: expected a state_dict of tensors")
+            self._shapes = {k: tuple(v.shape) for k, v in state.items()}
+            self._get = state.__getitem__
+        else:
+            raise OmniMoEInputError(f"{path}: unsupported weights format (expected .safetensors, or .pt/.bin with --allow-pickle)")
+
+    def keys(self) -> list[str]:
+        return list(self._shapes)
+
+    def __contains__(self, key: str) -> bool:
+        return key in self._shapes
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        return self._shapes[key]
+
+    def get(self, key: str) -> torch.Tensor:
+        try:
+            return self._get(key)
+        except (SafetensorError, OSError, RuntimeError) as e:
+            raise OmniMoEInputError(f"{self.path}: cannot read tensor {key!r} ({e})") from None
+
+
+def _check_finite(name: str, t: torch.Tensor, where: Path) -> None:
+    if not t.is_floating_point():
+        return
+    flat = t.reshape(-1)
+    for start in range(0, flat.numel(), _FINITE_CHECK_ELEMENTS):
+        if not torch.isfinite(flat[start : start + _FINITE_CHECK_ELEMENTS]).all():
+            raise OmniMoEInputError(f"{where}: tensor {name!r} contains NaN or Inf")
+
+
+def _load_validated(source: _TensorSource, expected: dict[str, tuple], key_of: dict[str, str]) -> dict[str, torch.Tensor]:
+    """Load exactly the expected tensors (module name -> shape) from `source` (module name -> file key).
+
+    BatchNorm's `num_batches_tracked` may be absent (it does not affect inference).
+    """
+    missing = [n for n in expected if key_of[n] not in source and not n.endswith(_BN_COUNTER)]
+    if missing:
+        raise OmniMoEInputError(f"{source.path}: missing keys: {', '.join(key_of[n] for n in missing)}")
+    state = {}
+    for name, shape in expected.items():
+        key = key_of[name]
+        if key not in source:
+            state[name] = torch.zeros((), dtype=torch.long)
+            continue
+        if source.shape(key) != shape:
+            raise OmniMoEInputError(f"{source.path}: {key} has shape {list(source.shape(key))}, expected {list(shape)}")
+        tensor = source.get(key)
+        _check_finite(key, tensor, source.path)
+        state[name] = tensor
+    return state
+
+
+# ---------------------------------------------------------------------------------------------
+# Native checkpoints
+# ---------------------------------------------------------------------------------------------
+def save_module(module: nn.Module, config: dict, directory) -> None:
+    """Write config.json + model.safetensors atomically (the directory appears complete or not at all)."""
+    state = {k: v.detach().contiguous() for k, v in module.state_dict().items()}
+    with atomic_path(directory) as tmp:
+        tmp.mkdir()
+        (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
+        save_file(state, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
+
+
+def save_layer(layer, directory) -> None:
+    save_module(layer, layer.config.to_dict(), directory)
+
+
+def read_config(directory) -> dict:
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise OmniMoEInputError(f"{directory}: not a checkpoint directory")
+    path = directory / CONFIG_FILE
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise OmniMoEInputError(f"{path}: no such file") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise OmniMoEInputError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(data, dict):
+        raise OmniMoEInputError(f"{path}: expected a JSON object")
+    return data
+
+
+def _module_from_config(data: dict) -> nn.Module:
+    kind = data.get("model_type", "omnimoe_layer")
+    if kind == "omnimoe_layer":
+        from .layer import OmniMoELayer
+
+        return OmniMoELayer(OmniMoEConfig.from_dict(data))
+    if kind == "tiny_omni_lm":
+        from .models import TinyOmniLM, TinyOmniLMConfig
+
+        return TinyOmniLM(TinyOmniLMConfig.from_dict(data))
+    raise OmniMoEInputError(f"unknown model_type {kind!r} in {CONFIG_FILE}")
+
+
+def load_checkpoint(directory, backend: str | None = None, device=None, dtype=None) -> nn.Module:
+    """Load an OmniMoELayer or TinyOmniLM checkpoint directory, in eval mode."""
+    directory = Path(directory)
+    data = read_config(directory)
+    with torch.device("meta"):
+        module = _module_from_config(data)
+    expected = {k: tuple(v.shape) for k, v in module.state_dict().items()}
+    source = _TensorSource(directory / WEIGHTS_FILE)
+    unexpected = sorted(set(source.keys()) - set(expected))
+    if unexpected:
+        raise OmniMoEInputError(f"{source.path}: unexpected keys: {', '.join(unexpected[:8])}")
+    state = _load_validated(source, expected, {k: k for k in expected})
+    module.load_state_dict(state, strict=True, assign=True)
+    if device is not None or dtype is not None:
+        module.to(device=device, dtype=dtype)
+    if backend is not None:
+        for m in module.modules():
+            if hasattr(m, "backend") and hasattr(m, "route"):
+                m.backend = backend
+    return module.eval()
+
+
+def load_layer(directory, backend: str = "reference", device=None, dtype=None):
+    from .layer import OmniMoELayer
+
+    module = load_checkpoint(directory, backend=backend, device=device, dtype=dtype)
+    if not isinstance(module, OmniMoELayer):
+        raise OmniMoEInputError(f"{directory} is not an OmniMoE layer checkpoint")
+    return module
+
+
+# ---------------------------------------------------------------------------------------------
+# Upstream import
+# ---------------------------------------------------------------------------------------------
+_LAYER_MARKER = "up_embed.weight"
+
+
+def find_layer_prefixes(keys) -> list[str]:
+    """Every prefix P such that P + 'up_embed.weight' is a key: one per OmniMoE layer."""
+    return sorted(k[: -len(_LAYER_MARKER)] for k in keys if k.endswith(_LAYER_MARKER))
+
+
+def _select_prefixes(keys, prefix: str | None) -> list[str]:
+    found = find_layer_prefixes(keys)
+    if not found:
+        raise OmniMoEInputError("no OmniMoE layer found (no key ending in 'up_embed.weight')")
+    if prefix is None:
+        if len(found) == 1:
+            return found
+        listed = ", ".join(repr(p) for p in found[:4]) + (" ..." if len(found) > 4 else "")
+        raise OmniMoEInputError(
+            f"found {len(found)} OmniMoE layers ({listed}); pick one with --prefix or all with a '*' pattern"
+        )
+    if "*" in prefix:
+        matches = [p for p in found if fnmatch.fnmatchcase(p, prefix)]
+    else:
+        matches = [p for p in found if p == prefix]
+    if not matches:
+        raise OmniMoEInputError(f"no OmniMoE layer under prefix {prefix!r} (found: {', '.join(repr(p) for p in found[:4])})")
+    return matches
+
+
+def _infer_upstream_config(source: _TensorSource, prefix: str, top_k: int, act: str, gate: str) -> OmniMoEConfig:
+    def shape(name):
+        key = prefix + name
+        return source.shape(key) if key in source else None
+
+    up = shape("up_embed.weight")
+    if up is None or len(up) != 2:
+        raise OmniMoEInputError(f"{prefix}up_embed.weight must be a 2-D [N, d] table")
+    n, d = up
+    gate_proj = shape("gate_proj.weight")
+    inter = gate_proj[0] if gate_proj is not None and len(gate_proj) == 2 else 0
+    router_norm = "batchnorm" if shape("router_norm_x.running_mean") is not None else "none"
+    s = math.isqrt(n)
+    if s * s != n:
+        raise OmniMoEInputError(f"{prefix}up_embed.weight has N={n} experts, which is not a perfect square")
+    if top_k > n:
+        raise OmniMoEInputError(f"--top-k {top_k} exceeds the number of experts N={n}")
+    return OmniMoEConfig(
+        hidden_size=d, num_experts=n, top_k=top_k, intermediate_size=inter, hidden_act=act, router_norm=router_norm, gate=gate
+    )
+
+
+def _layer_state_from_upstream(source: _TensorSource, prefix: str, config: OmniMoEConfig) -> dict[str, torch.Tensor]:
+    from .layer import OmniMoELayer
+
+    with torch.device("meta"):
+        expected = {k: tuple(v.shape) for k, v in OmniMoELayer(config).state_dict().items()}
+    under_prefix = {k for k in source.keys() if k.startswith(prefix)}
+    # Keys of nested OmniMoE layers (another prefix below this one) are not ours to judge.
+    unexpected = sorted(k for k in under_prefix if k[len(prefix) :] not in expected)
+    if unexpected:
+        raise OmniMoEInputError(f"{source.path}: unexpected keys under {prefix!r}: {', '.join(unexpected[:8])}")
+    return _load_validated(source, expected, {k: prefix + k for k in expected})
+
+
+def convert_upstream(
+    src,
+    out_dir,
+    top_k: int,
+    act: str = "silu",
+    gate: str = "product",
+    prefix: str | None = None,
+    allow_pickle: bool = False,
+) -> list[Path]:
+    """Import upstream OmniMoE weights; returns the checkpoint directories written."""
+    source = _TensorSource(Path(src), allow_pickle=allow_pickle)
+    prefixes = _select_prefixes(source.keys(), prefix)
+    out_dir = Path(out_dir)
+    multi = prefix is not None and "*" in prefix
+    # Validate everything before writing anything.
+    layers = []
+    for p in prefixes:
+        config = _infer_upstream_config(source, p, top_k, act, gate)
+        layers.append((p, config, _layer_state_from_upstream(source, p, config)))
+    with atomic_path(out_dir) as tmp:
+        tmp.mkdir()
+        written = []
+        for p, config, state in layers:
+            target = tmp / _layer_dir_name(p) if multi else tmp
+            target.mkdir(exist_ok=True)
+            (target / CONFIG_FILE).write_text(json.dumps(config.to_dict(), indent=2) + "\n")
+            save_file({k: v.contiguous() for k, v in state.items()}, str(target / WEIGHTS_FILE), metadata={"format": "pt"})
+            written.append(out_dir / target.relative_to(tmp))
+        if multi:
+            index = {"source": os.fspath(src), "prefix_pattern": prefix, "layers": {p: _layer_dir_name(p) for p, _, _ in layers}}
+            (tmp / "layers.json").write_text(json.dumps(index, indent=2) + "\n")
+    return written
+
+
+def _layer_dir_name(prefix: str) -> str:
+    name = re.sub(r"[^A-Za-z0-9._-]", "_", prefix.rstrip("."))
+    return name or "layer"
