@@ -93,3 +93,31 @@ def op_by_type(op_type: str) -> OpDecl:
         if op.op_type == op_type:
             return op
     raise KeyError(op_type)
+
+
+_IR_ATTR_KINDS = {"int": "INT", "string": "STRING"}
+
+
+def check_ir_node(node) -> None:
+    """Raise ValueError unless an onnx_ir node in DOMAIN matches its declaration exactly
+    (known op type, version, input/output counts, every declared attribute with its type and
+    allowed value, and no other attribute)."""
+    if node.domain != DOMAIN:
+        raise ValueError(f"{node.op_type}: domain {node.domain!r}, expected {DOMAIN!r}")
+    try:
+        decl = op_by_type(node.op_type)
+    except KeyError:
+        raise ValueError(f"unknown op {DOMAIN}::{node.op_type}") from None
+    if len(node.inputs) != len(decl.inputs) or len(node.outputs) != len(decl.outputs):
+        raise ValueError(
+            f"{decl.op_type}: {len(node.inputs)} inputs / {len(node.outputs)} outputs, "
+            f"expected {len(decl.inputs)} / {len(decl.outputs)}"
+        )
+    if set(node.attributes) != set(decl.attribute_names):
+        raise ValueError(f"{decl.op_type}: attributes {sorted(node.attributes)}, expected {decl.attribute_names}")
+    for attr in decl.attributes:
+        value = node.attributes[attr.name]
+        if value.type.name != _IR_ATTR_KINDS[attr.kind]:
+            raise ValueError(f"{decl.op_type}.{attr.name}: attribute type {value.type.name}, expected {attr.kind}")
+        if attr.allowed and value.value not in attr.allowed:
+            raise ValueError(f"{decl.op_type}.{attr.name}={value.value!r}, expected one of {attr.allowed}")
