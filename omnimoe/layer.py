@@ -57,12 +57,15 @@ class OmniMoELayer(nn.Module):
                 lx = (lx - norm.running_mean.float()) * torch.rsqrt(norm.running_var.float() + norm.eps)
         return torch.log_softmax(lx, dim=-1)
 
+    def router_log_probs(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x [T, d] -> per-axis log-probs px, py [T, s] float32 (expert i*s+j scores px[i] + py[j])."""
+        px = self._router_log_probs(self.router_gate_x(x), getattr(self, "router_norm_x", None))
+        py = self._router_log_probs(self.router_gate_y(x), getattr(self, "router_norm_y", None))
+        return px, py
+
     def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x [T, d] -> gates [T, K] float32, expert indices [T, K] int32."""
-        norm_x = getattr(self, "router_norm_x", None)
-        norm_y = getattr(self, "router_norm_y", None)
-        px = self._router_log_probs(self.router_gate_x(x), norm_x)
-        py = self._router_log_probs(self.router_gate_y(x), norm_y)
+        px, py = self.router_log_probs(x)
         return ops.product_key_topk(px, py, self.config.top_k, self.config.gate, backend=self.backend)
 
     def shared_mlp(self, x: torch.Tensor) -> torch.Tensor | None:
