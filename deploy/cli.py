@@ -14,6 +14,7 @@ from omnimoe.errors import OmniMoEInputError
 # name -> (module, one-line help). Add a subcommand only once it works.
 SUBCOMMANDS = {
     "convert": ("deploy.convert_cmd", "import an upstream OmniMoE state_dict into a checkpoint directory"),
+    "build": ("deploy.build", "build a TensorRT engine from an ONNX plugin graph (TensorRT or TensorRT-RTX)"),
     "demo": ("deploy.demo", "train or load the tiny model and run the deployment pipeline end to end"),
 }
 

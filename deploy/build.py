@@ -1,0 +1,422 @@
+"""`omnimoe build MODEL.onnx -o MODEL.engine`: ONNX (plugin graph) -> serialized TensorRT engine.
+
+    omnimoe build MODEL.onnx -o MODEL.engine [--backend auto|tensorrt|tensorrt-rtx]
+        [--precision fp32|fp16|bf16] [--tokens MIN:OPT:MAX] [--timing-cache FILE]
+
+The custom `omnimoe::` nodes become the plugins of `trt_plugins` through the ONNX parser (no
+graph rewriting). TensorRT-RTX builds on a machine without a GPU. Precision: TensorRT-RTX and
+TensorRT >= 11 networks are strongly typed, so `--precision` must match the ONNX tensor types
+(re-export with `omnimoe export --dtype`); TensorRT 10.x can also lower an fp32 model with its
+FP16/BF16 builder flags. `--tokens` sets the optimization profile of the token axis: the last
+dynamic dimension of each input (`T` of a layer's x [T, d], `S` of a model's input_ids [B, S]);
+other dynamic dimensions (batch) are fixed to 1. Progress goes to stderr; the engine (and the
+timing cache) are written atomically; bad input is one line and exit code 2.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import time
+from pathlib import Path
+
+from omnimoe.errors import OmniMoEInputError
+
+PRECISIONS = ("fp32", "fp16", "bf16")
+DEFAULT_TOKENS = "1:256:4096"
+_STANDARD_DOMAINS = ("", "ai.onnx", "ai.onnx.ml")
+
+
+def add_arguments(parser) -> None:
+    from trt_plugins._trt import BACKENDS
+
+    parser.add_argument("model", help="ONNX model with omnimoe:: plugin nodes (omnimoe export --ops plugin)")
+    parser.add_argument("-o", "--output", required=True, help="where to write the serialized engine")
+    parser.add_argument("--backend", choices=BACKENDS, default="auto", help="TensorRT flavour (default: auto)")
+    parser.add_argument(
+        "--precision",
+        choices=PRECISIONS,
+        default=None,
+        help="engine precision (default: the ONNX model's float type; must match it on strongly typed backends)",
+    )
+    parser.add_argument(
+        "--tokens",
+        default=DEFAULT_TOKENS,
+        metavar="MIN:OPT:MAX",
+        help=f"optimization profile of the token axis (default {DEFAULT_TOKENS}; a single N means N:N:N)",
+    )
+    parser.add_argument("--timing-cache", default=None, metavar="FILE", help="read (if present) and update this timing cache")
+    parser.add_argument("--no-progress", action="store_true", help="do not show build progress")
+
+
+# --------------------------------------------------------------------------------------------
+# Input validation (no TensorRT needed)
+
+
+def parse_tokens(text: str) -> tuple[int, int, int]:
+    """'MIN:OPT:MAX' (or 'N') -> (min, opt, max) with 1 <= min <= opt <= max."""
+    parts = str(text).split(":")
+    if len(parts) == 1:
+        parts = parts * 3
+    if len(parts) != 3:
+        raise OmniMoEInputError(f"--tokens must be MIN:OPT:MAX (e.g. 1:256:4096), got {text!r}")
+    try:
+        lo, opt, hi = (int(p) for p in parts)
+    except ValueError:
+        raise OmniMoEInputError(f"--tokens must be three integers MIN:OPT:MAX, got {text!r}") from None
+    if not 1 <= lo <= opt <= hi:
+        raise OmniMoEInputError(f"--tokens needs 1 <= MIN <= OPT <= MAX, got {lo}:{opt}:{hi}")
+    if hi > 2**31 - 1:
+        raise OmniMoEInputError(f"--tokens MAX must fit in int32, got {hi}")
+    return lo, opt, hi
+
+
+def load_onnx_header(path: str | os.PathLike):
+    """The ModelProto without external weights (enough to inspect types and nodes)."""
+    import onnx
+
+    path = Path(path)
+    if not path.is_file():
+        raise OmniMoEInputError(f"ONNX model not found: {path}")
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+    except Exception as e:  # noqa: BLE001 - protobuf raises several types for garbage input
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise OmniMoEInputError(f"{path} is not a valid ONNX model ({first})") from None
+    if not model.graph.node or not model.graph.output:
+        raise OmniMoEInputError(f"{path} is not a valid ONNX model (its graph has no nodes or no outputs)")
+    return model
+
+
+def _all_nodes(model):
+    yield from model.graph.node
+    for function in model.functions:
+        yield from function.node
+
+
+def onnx_precision(model) -> str:
+    """fp32 | fp16 | bf16: the low-precision float type the model was exported in (fp32 if none).
+
+    An fp16/bf16 export keeps the router's log-softmax and the gates in fp32 (SPEC §1), so the
+    presence of any fp16 / bf16 tensor decides.
+    """
+    from onnx import TensorProto
+
+    types = {init.data_type for init in model.graph.initializer}
+    for vi in list(model.graph.input) + list(model.graph.output) + list(model.graph.value_info):
+        if vi.type.HasField("tensor_type"):
+            types.add(vi.type.tensor_type.elem_type)
+    if TensorProto.DOUBLE in types:
+        raise OmniMoEInputError("unsupported precision: the ONNX model has float64 tensors (export fp32, fp16 or bf16)")
+    low = [name for name, t in (("fp16", TensorProto.FLOAT16), ("bf16", TensorProto.BFLOAT16)) if t in types]
+    if len(low) > 1:
+        raise OmniMoEInputError("unsupported precision: the ONNX model mixes float16 and bfloat16 tensors")
+    return low[0] if low else "fp32"
+
+
+def custom_nodes(model) -> list[tuple[str, str, str]]:
+    """(domain, op_type, node name) of every node outside the standard ONNX domains and not a
+    call to one of the model's local functions."""
+    local = {(f.domain, f.name) for f in model.functions}
+    out = []
+    for node in _all_nodes(model):
+        if node.domain in _STANDARD_DOMAINS or (node.domain, node.op_type) in local:
+            continue
+        out.append((node.domain, node.op_type, node.name))
+    return out
+
+
+def check_plugins_available(trt, model) -> None:
+    """Every custom node must have a plugin creator the parser will find (name, version, domain)."""
+    import trt_plugins
+
+    registered = {
+        (getattr(c, "name", None), getattr(c, "plugin_namespace", None))
+        for c in trt.get_plugin_registry().all_creators
+    }
+    for domain, op_type, name in custom_nodes(model):
+        if (op_type, domain) in registered or (op_type, "") in registered:
+            continue
+        known = ", ".join(sorted(trt_plugins.creators(trt))) or "none"
+        raise OmniMoEInputError(
+            f"plugin missing: node {name or '?'} is {domain}::{op_type}, for which no TensorRT plugin is "
+            f"registered (omnimoe plugins: {known})"
+        )
+
+
+def _precision_plan(trt, model_precision: str, precision: str | None) -> tuple[str, bool]:
+    """(engine precision, strongly typed network?) or a one-line error."""
+    from trt_plugins._trt import backend_of, is_strongly_typed_only
+
+    precision = precision or model_precision
+    if precision == model_precision:
+        return precision, True
+    if is_strongly_typed_only(trt):
+        name = "TensorRT-RTX" if backend_of(trt) == "tensorrt-rtx" else f"TensorRT {trt.__version__}"
+        raise OmniMoEInputError(
+            f"unsupported precision: --precision {precision} but the ONNX model is {model_precision}; {name} "
+            f"takes precision from the tensor types, re-export with `omnimoe export --dtype {precision}`"
+        )
+    if model_precision != "fp32":
+        raise OmniMoEInputError(
+            f"unsupported precision: --precision {precision} cannot lower a {model_precision} ONNX model; "
+            f"re-export with `omnimoe export --dtype {precision}`"
+        )
+    return precision, False
+
+
+# --------------------------------------------------------------------------------------------
+# TensorRT side
+
+
+def _make_logger(trt):
+    class CapturingLogger(trt.ILogger):
+        """Keeps errors (for the one-line message) and warnings; prints nothing by itself."""
+
+        def __init__(self):
+            trt.ILogger.__init__(self)
+            self.errors: list[str] = []
+            self.warnings: list[str] = []
+
+        def log(self, severity, msg):
+            if severity in (trt.ILogger.Severity.ERROR, trt.ILogger.Severity.INTERNAL_ERROR):
+                self.errors.append(str(msg))
+            elif severity == trt.ILogger.Severity.WARNING:
+                self.warnings.append(str(msg))
+
+    return CapturingLogger()
+
+
+def _one_line(text: str, limit: int = 400) -> str:
+    text = " ".join(str(text).split())
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+@dataclasses.dataclass
+class ParsedNetwork:
+    trt: object
+    logger: object
+    builder: object
+    network: object
+    parser: object
+    model: object  # the ModelProto header
+    model_precision: str
+
+    def plugin_layers(self) -> list:
+        """The network's IPluginV3Layers (downcast), in network order."""
+        out = []
+        for i in range(self.network.num_layers):
+            layer = self.network.get_layer(i)
+            if layer.type == self.trt.LayerType.PLUGIN_V3:
+                layer.__class__ = self.trt.IPluginV3Layer
+                out.append(layer)
+        return out
+
+
+def parse_network(
+    model_path, *, backend: str = "auto", strongly_typed: bool = True, trt=None, model=None
+) -> ParsedNetwork:
+    """Validate the ONNX file, register the plugins and parse it into a TensorRT network."""
+    import trt_plugins
+
+    if model is None:
+        model = load_onnx_header(model_path)
+    model_precision = onnx_precision(model)
+    trt = trt_plugins.register(trt, backend=backend)
+    check_plugins_available(trt, model)
+    logger = _make_logger(trt)
+    builder = trt.Builder(logger)
+    flags = 0
+    if strongly_typed and hasattr(trt.NetworkDefinitionCreationFlag, "STRONGLY_TYPED"):
+        flags |= 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED)
+    network = builder.create_network(flags)
+    parser = trt.OnnxParser(network, logger)
+    if not parser.parse_from_file(str(Path(model_path).resolve())):
+        if parser.num_errors:
+            err = parser.get_error(0)
+            where = f"{err.node_operator()} node {err.node_name()!r}: " if err.node_name() else ""
+            detail = f"{where}{err.desc()}"
+        else:
+            detail = logger.errors[0] if logger.errors else "unknown error"
+        raise OmniMoEInputError(f"TensorRT could not parse {model_path}: {_one_line(detail)}")
+    return ParsedNetwork(trt, logger, builder, network, parser, model, model_precision)
+
+
+def token_profile(parsed: ParsedNetwork, tokens: tuple[int, int, int]):
+    """One optimization profile: the last dynamic dim of each input spans `tokens`, others are 1.
+
+    Returns (profile or None when every input is static, {input: (min, opt, max) shapes}).
+    """
+    trt, network = parsed.trt, parsed.network
+    shapes = {}
+    for i in range(network.num_inputs):
+        tensor = network.get_input(i)
+        dims = [int(d) for d in tensor.shape]
+        dynamic = [j for j, d in enumerate(dims) if d < 0]
+        if not dynamic:
+            continue
+        per_bound = []
+        for value in tokens:
+            shape = list(dims)
+            for j in dynamic:
+                shape[j] = 1
+            shape[dynamic[-1]] = value
+            per_bound.append(tuple(shape))
+        shapes[tensor.name] = tuple(per_bound)
+    if not shapes:
+        return None, shapes
+    profile = parsed.builder.create_optimization_profile()
+    for name, (lo, opt, hi) in shapes.items():
+        profile.set_shape(name, lo, opt, hi)
+    return profile, shapes
+
+
+def _make_progress_monitor(trt, progress):
+    class RichProgressMonitor(trt.IProgressMonitor):
+        """TensorRT build phases as rich progress bars (nested phases indented)."""
+
+        def __init__(self):
+            trt.IProgressMonitor.__init__(self)
+            self._tasks = {}
+            self._depth = {}
+
+        def phase_start(self, phase_name, parent_phase, num_steps):
+            depth = self._depth.get(parent_phase, -1) + 1 if parent_phase else 0
+            self._depth[phase_name] = depth
+            self._tasks[phase_name] = progress.add_task("  " * depth + phase_name, total=max(int(num_steps), 1))
+
+        def step_complete(self, phase_name, step):
+            task = self._tasks.get(phase_name)
+            if task is not None:
+                progress.update(task, completed=int(step) + 1)
+            return True  # keep building
+
+        def phase_finish(self, phase_name):
+            task = self._tasks.pop(phase_name, None)
+            if task is not None:
+                progress.remove_task(task)
+
+    return RichProgressMonitor()
+
+
+@dataclasses.dataclass
+class BuildResult:
+    engine: bytes
+    backend: str
+    precision: str
+    shapes: dict
+    plugin_layers: list  # (layer name, plugin name, attrs)
+    seconds: float
+    timing_cache: bytes | None = None
+
+
+def _load_timing_cache(config, path: Path | None):
+    data = b""
+    if path is not None and path.exists():
+        data = path.read_bytes()
+    cache = config.create_timing_cache(data)
+    if cache is None or not config.set_timing_cache(cache, False):
+        raise OmniMoEInputError(f"--timing-cache {path} is not a timing cache this TensorRT can use")
+    return cache
+
+
+def build_engine(
+    model_path,
+    *,
+    backend: str = "auto",
+    precision: str | None = None,
+    tokens: tuple[int, int, int] | str = DEFAULT_TOKENS,
+    timing_cache: str | os.PathLike | None = None,
+    progress: bool = False,
+) -> BuildResult:
+    """Parse `model_path` with the omnimoe plugins and build a serialized engine (bytes)."""
+    import trt_plugins
+
+    if isinstance(tokens, str):
+        tokens = parse_tokens(tokens)
+    if precision is not None and precision not in PRECISIONS:
+        raise OmniMoEInputError(f"unsupported precision {precision!r}: choose one of {PRECISIONS}")
+    try:  # the plugins size their workspaces with the kernels' helpers
+        import omnimoe.kernels  # noqa: F401
+    except ImportError as e:
+        raise OmniMoEInputError(f"the Triton kernels are needed to build plugin engines ({e}): pip install 'omnimoe[triton]'") from None
+
+    model = load_onnx_header(model_path)
+    trt = trt_plugins.load(backend)
+    engine_precision, strongly_typed = _precision_plan(trt, onnx_precision(model), precision)
+    parsed = parse_network(model_path, strongly_typed=strongly_typed, trt=trt, model=model)
+    config = parsed.builder.create_builder_config()
+    if not strongly_typed:
+        config.set_flag(trt.BuilderFlag.FP16 if engine_precision == "fp16" else trt.BuilderFlag.BF16)
+    profile, shapes = token_profile(parsed, tokens)
+    if profile is not None:
+        config.add_optimization_profile(profile)
+    cache_path = Path(timing_cache) if timing_cache else None
+    if cache_path is not None:
+        _load_timing_cache(config, cache_path)
+
+    start = time.perf_counter()
+    if progress:
+        from rich.console import Console
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+        with Progress(
+            TextColumn("{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeElapsedColumn(),
+            console=Console(stderr=True),
+            transient=True,
+        ) as bars:
+            config.progress_monitor = _make_progress_monitor(trt, bars)
+            serialized = parsed.builder.build_serialized_network(parsed.network, config)
+    else:
+        serialized = parsed.builder.build_serialized_network(parsed.network, config)
+    seconds = time.perf_counter() - start
+    if serialized is None:
+        detail = parsed.logger.errors[-1] if parsed.logger.errors else "no error message from TensorRT"
+        raise OmniMoEInputError(f"TensorRT failed to build an engine from {model_path}: {_one_line(detail)}")
+
+    cache_bytes = None
+    if cache_path is not None:
+        cache_bytes = bytes(memoryview(config.get_timing_cache().serialize()))
+    layers = [(layer.name, layer.plugin.plugin_name, dict(getattr(layer.plugin, "attrs", {}))) for layer in parsed.plugin_layers()]
+    return BuildResult(
+        engine=bytes(memoryview(serialized)),
+        backend=trt_plugins.backend_of(trt),
+        precision=engine_precision,
+        shapes=shapes,
+        plugin_layers=layers,
+        seconds=seconds,
+        timing_cache=cache_bytes,
+    )
+
+
+def run(args) -> int:
+    import sys
+
+    from omnimoe.atomic import atomic_path
+
+    tokens = parse_tokens(args.tokens)  # before any heavy import: a bad range fails fast
+    output = Path(args.output)
+    if output.exists() and output.is_dir():
+        raise OmniMoEInputError(f"-o {output} is a directory; give the engine file path")
+    result = build_engine(
+        args.model,
+        backend=args.backend,
+        precision=args.precision,
+        tokens=tokens,
+        timing_cache=args.timing_cache,
+        progress=not args.no_progress,
+    )
+    with atomic_path(output) as tmp:
+        tmp.write_bytes(result.engine)
+    if args.timing_cache and result.timing_cache is not None:
+        with atomic_path(args.timing_cache) as tmp:
+            tmp.write_bytes(result.timing_cache)
+    profile = ", ".join(f"{name} {lo}..{hi}" for name, (lo, _, hi) in result.shapes.items()) or "static shapes"
+    plugins = ", ".join(sorted({p for _, p, _ in result.plugin_layers})) or "no plugins"
+    sys.stdout.write(
+        f"wrote {output} ({len(result.engine) / 2**20:.2f} MiB; {result.backend}, {result.precision}; "
+        f"{profile}; {len(result.plugin_layers)} plugin layers: {plugins}; built in {result.seconds:.1f}s)\n"
+    )
+    return 0
