@@ -84,14 +84,21 @@ def gates_from_scores(scores: torch.Tensor, gate: str) -> torch.Tensor:
 def product_key_topk_reference(
     log_probs_x: torch.Tensor, log_probs_y: torch.Tensor, top_k: int, gate: str
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Exact top-K of S[t, i*s+j] = px[t,i] + py[t,j] without materialising S.
+    """gates [T,K] float32 and expert indices [T,K] int32 (see product_key_topk_scores)."""
+    check_topk_inputs(log_probs_x, log_probs_y, top_k, gate)
+    scores, indices = product_key_topk_scores(log_probs_x, log_probs_y, top_k)
+    return gates_from_scores(scores, gate), indices.to(torch.int32)
+
+
+def product_key_topk_scores(log_probs_x: torch.Tensor, log_probs_y: torch.Tensor, top_k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Exact top-K scores and int64 indices of S[t, i*s+j] = px[t,i] + py[t,j], S never materialised.
 
     If (i, j) is in the top-K then i is in the top-K of px and j in the top-K of py (every pair
     (i', j) with i' ahead of i is ahead of (i, j)), so the top-min(K, s) of each axis and the
     top-K of their <= min(K,s)^2 sums is exact. Ties go to the smaller expert index.
     Differentiable w.r.t. the log-probs.
     """
-    T, s = check_topk_inputs(log_probs_x, log_probs_y, top_k, gate)
+    T, s = log_probs_x.shape
     k_axis = min(top_k, s)
     chunk = max(1, _REFERENCE_CHUNK_ELEMENTS // (k_axis * k_axis))
     all_scores, all_indices = [], []
@@ -109,11 +116,8 @@ def product_key_topk_reference(
         all_scores.append(cand_scores.gather(1, best))
         all_indices.append(cand_experts.gather(1, best))
     if T == 0:
-        scores = log_probs_x.new_zeros((0, top_k))
-        indices = torch.zeros((0, top_k), dtype=torch.int64, device=log_probs_x.device)
-    else:
-        scores, indices = torch.cat(all_scores), torch.cat(all_indices)
-    return gates_from_scores(scores, gate), indices.to(torch.int32)
+        return log_probs_x.new_zeros((0, top_k)), torch.zeros((0, top_k), dtype=torch.int64, device=log_probs_x.device)
+    return torch.cat(all_scores), torch.cat(all_indices)
 
 
 def expert_grouped_matmul_reference(
