@@ -14,7 +14,10 @@ from omnimoe.errors import OmniMoEInputError
 # name -> (module, one-line help). Add a subcommand only once it works.
 SUBCOMMANDS = {
     "convert": ("deploy.convert_cmd", "import an upstream OmniMoE state_dict into a checkpoint directory"),
+    "export": ("deploy.export_cmd", "export a checkpoint to ONNX (omnimoe custom ops or standard-op twin)"),
     "build": ("deploy.build", "build a TensorRT engine from an ONNX plugin graph (TensorRT or TensorRT-RTX)"),
+    "run": ("deploy.run_cmd", "run a checkpoint, ONNX model or engine on a .npy/.npz input"),
+    "parity": ("deploy.parity", "routing-aware parity between PyTorch, ONNX Runtime and TensorRT runs (polygraphy)"),
     "demo": ("deploy.demo", "train or load the tiny model and run the deployment pipeline end to end"),
 }
 

@@ -79,6 +79,12 @@ def dtype_name(dtype: str | torch.dtype | None) -> str | None:
     return dtype
 
 
+def check_opset(opset: int | None) -> None:
+    """The exporter and the translations emit opset-18+ op versions; 23 is the newest we test."""
+    if opset is not None and (not isinstance(opset, int) or isinstance(opset, bool) or not 18 <= opset <= 23):
+        raise OmniMoEInputError(f"opset must be an integer between 18 and 23, got {opset!r}")
+
+
 def _keeps_fp32(module: nn.Module) -> bool:
     # BatchNorm running statistics stay float32 whatever the weights' dtype (OmniMoELayer reads
     # them with .float(); rounding them to fp16 would move the router).
@@ -235,6 +241,7 @@ def _save(ir_model, model_path: Path, data_path: Path | None, progress: bool | N
                     base_dir=str(data_path.parent),
                 )
                 offset += nbytes
+            bar.update(task, description=data_path.name)
             f.flush()
             os.fsync(f.fileno())
     proto = ir.serde.serialize_model(ir_model)
@@ -287,9 +294,7 @@ def export_onnx(
     if ops not in OPS_CHOICES:
         raise OmniMoEInputError(f"ops must be one of {OPS_CHOICES}, got {ops!r}")
     name = dtype_name(dtype)
-    if opset is not None and (not isinstance(opset, int) or not 18 <= opset <= 23):
-        # The exporter and the translations use opset-18+ op versions.
-        raise OmniMoEInputError(f"opset must be an integer between 18 and 23, got {opset!r}")
+    check_opset(opset)
     path = Path(path)
     if path.suffix != ".onnx":
         raise OmniMoEInputError(f"{path}: the output file must end in .onnx")
