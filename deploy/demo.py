@@ -45,8 +45,44 @@ def run(args: argparse.Namespace) -> int:
         sample = model.generate("the robot ", 40).splitlines()[0]
     console.print(f"greedy sample: [green]{sample!r}")
 
+    from deploy.cli import main as omnimoe
+
+    def step(title: str, argv: list) -> int:
+        console.rule(f"[bold]{title}")
+        console.print("$ omnimoe " + " ".join(str(a) for a in argv), style="dim")
+        return omnimoe([str(a) for a in argv])
+
+    plugin_onnx, standard_onnx = workdir / "tiny_lm.plugin.onnx", workdir / "tiny_lm.standard.onnx"
+    if step("3. export: custom-op graph (TensorRT plugins / ORT custom ops)", ["export", ckpt, "-o", plugin_onnx]):
+        return 1
+    if step("4. export: standard-op twin (any runtime)", ["export", ckpt, "-o", standard_onnx, "--ops", "standard"]):
+        return 1
+    artifacts["plugin graph"], artifacts["standard graph"] = plugin_onnx, standard_onnx
+    report = workdir / "parity.json"
+    parity_code = step(
+        "5. routing-aware parity: PyTorch vs ONNX Runtime (both graphs)",
+        ["parity", ckpt, "--onnx", standard_onnx, "--onnx", plugin_onnx, "--tokens", 48, "--batch", 3, "--report", report],
+    )
+    artifacts["parity report"] = report
+    engine = workdir / "tiny_lm.engine"
+    try:
+        import trt_plugins
+
+        trt_plugins.load("auto")
+        have_trt = True
+    except Exception as e:  # no TensorRT flavour installed: say so, do not fail the demo
+        console.print(f"[yellow]skipping the engine build: {e}")
+        have_trt = False
+    if have_trt:
+        if step("6. TensorRT engine from the custom-op graph (builds on CPU with TensorRT-RTX)",
+                ["build", plugin_onnx, "-o", engine, "--tokens", "1:48:64"]):
+            return 1
+        artifacts["engine"] = engine
+        console.print("engine execution needs a GPU TensorRT supports (not verified on our machines; see README)")
+
     console.rule("[bold]summary")
+    console.print("parity: " + ("[green]PASS" if parity_code == 0 else "[red]FAIL"))
     for name, path in artifacts.items():
         console.print(f"{name:>12}: {path}")
     console.print(f"done in {time.perf_counter() - started:.1f} s")
-    return 0
+    return parity_code

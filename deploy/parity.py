@@ -181,7 +181,8 @@ RUNNER_NAMES = ("torch", "onnxrt", "onnxrt-plugin", "trt")
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("target", metavar="CKPT_DIR|MODEL.onnx", help="a checkpoint directory or an exported ONNX model")
-    parser.add_argument("--onnx", metavar="MODEL.onnx", help="with a checkpoint: compare it against this ONNX model made from it")
+    parser.add_argument("--onnx", metavar="MODEL.onnx", action="append", default=[],
+                        help="with a checkpoint: compare it against this ONNX model made from it (repeatable)")
     parser.add_argument("--engine", metavar="MODEL.engine", help="serialized TensorRT engine for the trt runner")
     parser.add_argument(
         "--runners",
@@ -287,34 +288,37 @@ def run(args: argparse.Namespace) -> int:
             if output_name == "logits" and args.tokens > model.config.max_seq_len:
                 raise OmniMoEInputError(f"--tokens {args.tokens} exceeds the model's max_seq_len {model.config.max_seq_len}")
             model_dtype = "fp32"
-            onnx_given = Path(args.onnx) if args.onnx else None
-            default = ["torch", "onnxrt", "onnxrt-plugin"] if onnx_given is None else ["torch", "onnx"]
+            onnx_given = [Path(p) for p in args.onnx]
+            default = ["torch", "onnxrt", "onnxrt-plugin"] if not onnx_given else ["torch"]
         elif target.suffix == ".onnx" or target.is_file():
             if not target.is_file():
                 raise OmniMoEInputError(f"{target}: no such ONNX model")
-            onnx_given = target
-            default = ["onnx"]
+            onnx_given = [target]
+            default = []
         else:
             raise OmniMoEInputError(f"{target}: no such checkpoint directory or ONNX model")
 
-        if onnx_given is not None:
-            if not onnx_given.is_file():
-                raise OmniMoEInputError(f"{onnx_given}: no such ONNX model")
-            input_name, np_dtype, shape, output_name, out_shape, model_dtype, onnx_model = _onnx_io(onnx_given)
+        given = {}  # runner name -> ONNX file given on the command line
+        for path in onnx_given:
+            if not path.is_file():
+                raise OmniMoEInputError(f"{path}: no such ONNX model")
+            input_name, np_dtype, shape, output_name, out_shape, model_dtype, onnx_model = _onnx_io(path)
             vocab = out_shape[-1] if out_shape else None
-            given_kind = "onnxrt-plugin" if R.is_plugin_graph(onnx_model) else "onnxrt"
+            kind = "onnxrt-plugin" if R.is_plugin_graph(onnx_model) else "onnxrt"
+            given[kind if kind not in given else f"{kind}:{path.name}"] = path
             if np.issubdtype(np_dtype, np.integer) and not vocab:
-                raise OmniMoEInputError(f"{onnx_given}: vocabulary size unknown; pass --input")
-        names = requested or default
-        names = [given_kind if (n == "onnx" or (onnx_given is not None and n in ("onnxrt", "onnxrt-plugin"))) else n for n in names]
+                raise OmniMoEInputError(f"{path}: vocabulary size unknown; pass --input")
+        names = requested or default + list(given)
+        if requested and given:  # an onnxrt* runner named on the command line means the given file(s)
+            names = [n for n in requested if n not in ("onnxrt", "onnxrt-plugin")] + list(given)
         for name in names:
             if name == "torch":
                 if model is None:
                     raise OmniMoEInputError("the torch runner needs a checkpoint directory as target")
                 runner_objs.append(R.TorchRunner(model))
-            elif name in ("onnxrt", "onnxrt-plugin"):
-                if onnx_given is not None:
-                    path = onnx_given
+            elif name.startswith(("onnxrt", "onnxrt-plugin")):
+                if name in given:
+                    path = given[name]
                 else:
                     from deploy.export_cmd import example_inputs_for
                     from export.onnx_export import export_onnx
@@ -325,7 +329,7 @@ def run(args: argparse.Namespace) -> int:
                     console.print(f"exporting the {ops_kind}-op graph for {name} ...")
                     export_onnx(model, path, example_inputs=inputs, ops=ops_kind, input_names=in_names,
                                 output_names=out_names, dynamic_shapes=dynamic, progress=False)
-                if name == "onnxrt-plugin":
+                if name.startswith("onnxrt-plugin"):
                     path = stack.enter_context(R.with_routing_outputs(path))
                 runner_objs.append(R.onnxrt_runner(path, name))
             elif name == "trt":
