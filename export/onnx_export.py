@@ -43,6 +43,8 @@ EXTERNAL_DATA_THRESHOLD_BYTES = 1 << 30
 EXTERNAL_TENSOR_MIN_BYTES = 1024
 # Offsets in the data file are aligned so runtimes can mmap tensors directly.
 _ALIGNMENT = 4096
+# protobuf's hard message size limit, less room for the graph itself.
+_PROTOBUF_LIMIT_BYTES = (2 << 30) - (64 << 20)
 _CHUNK_BYTES = 64 << 20
 # Show a progress bar (when not told either way) once this many bytes are to be written.
 _PROGRESS_MIN_BYTES = 256 << 20
@@ -323,6 +325,10 @@ def export_onnx(
                 _tensor_nbytes(v.const_value) for v in ir_model.graph.initializers.values() if v.const_value is not None
             )
             use_external = external_data if external_data is not None else init_bytes > EXTERNAL_DATA_THRESHOLD_BYTES
+            if not use_external and init_bytes > _PROTOBUF_LIMIT_BYTES:
+                raise OmniMoEInputError(
+                    f"{init_bytes / 2**30:.1f} GiB of weights do not fit in one protobuf file (2 GiB); use external data"
+                )
             data_path = path.with_name(path.name + ".data") if use_external else None
             finals = [path] + ([data_path] if data_path else [])
             t1 = time.perf_counter()
