@@ -96,11 +96,16 @@ def _all_nodes(model):
 def onnx_precision(model) -> str:
     """fp32 | fp16 | bf16: the low-precision float type the model was exported in (fp32 if none).
 
-    An fp16/bf16 export keeps the router's log-softmax and the gates in fp32 (SPEC §1), so the
-    presence of any fp16 / bf16 tensor decides.
+    `omnimoe export` writes it into the metadata (`omnimoe.dtype`); otherwise the tensor types
+    decide: an fp16/bf16 export keeps the router's log-softmax and the gates in fp32 (SPEC §1), so
+    the presence of any fp16 / bf16 tensor decides.
     """
     from onnx import TensorProto
 
+    # `omnimoe export` records the dtype it exported with; trust it when present.
+    meta = {p.key: p.value for p in model.metadata_props}.get("omnimoe.dtype")
+    if meta in PRECISIONS:
+        return meta
     types = {init.data_type for init in model.graph.initializer}
     for vi in list(model.graph.input) + list(model.graph.output) + list(model.graph.value_info):
         if vi.type.HasField("tensor_type"):
@@ -307,6 +312,7 @@ class BuildResult:
     plugin_layers: list  # (layer name, plugin name, attrs)
     seconds: float
     timing_cache: bytes | None = None
+    notes: list = dataclasses.field(default_factory=list)
 
 
 def _load_timing_cache(config, path: Path | None):
@@ -351,6 +357,11 @@ def build_engine(
     if profile is not None:
         config.add_optimization_profile(profile)
     cache_path = Path(timing_cache) if timing_cache else None
+    notes = []
+    if cache_path is not None and trt_plugins.backend_of(trt) == "tensorrt-rtx":
+        # TensorRT-RTX does no build-time tactic timing (its timing-cache calls are no-ops).
+        notes.append(f"TensorRT-RTX has no build-time timing cache; --timing-cache {cache_path} left untouched")
+        cache_path = None
     if cache_path is not None:
         _load_timing_cache(config, cache_path)
 
@@ -388,6 +399,7 @@ def build_engine(
         plugin_layers=layers,
         seconds=seconds,
         timing_cache=cache_bytes,
+        notes=notes,
     )
 
 
@@ -410,6 +422,8 @@ def run(args) -> int:
     )
     with atomic_path(output) as tmp:
         tmp.write_bytes(result.engine)
+    for note in result.notes:
+        sys.stderr.write(f"omnimoe build: note: {note}\n")
     if args.timing_cache and result.timing_cache is not None:
         with atomic_path(args.timing_cache) as tmp:
             tmp.write_bytes(result.timing_cache)

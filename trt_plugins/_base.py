@@ -21,12 +21,19 @@ def _field_type(trt, kind: str):
     return {"int": trt.PluginFieldType.INT32, "string": trt.PluginFieldType.CHAR}[kind]
 
 
-def declared_fields(trt, op: OpDecl):
-    """The creator's `field_names`: exactly the op's attributes (only these reach the plugin)."""
-    empty = {"int": np.array([], dtype=np.int32), "string": np.array([], dtype=np.int8)}
-    return trt.PluginFieldCollection(
-        [trt.PluginField(a.name, empty[a.kind], _field_type(trt, a.kind)) for a in op.attributes]
-    )
+def declared_fields(trt, op: OpDecl, keep_alive: list):
+    """The creator's `field_names`: exactly the op's attributes (only these reach the plugin).
+
+    A PluginField holds a raw pointer to its numpy data; the arrays go into `keep_alive`, which
+    the caller stores on an object that outlives TensorRT's use of the collection.
+    """
+    fields = []
+    for a in op.attributes:
+        data = np.zeros(0, dtype=np.int32 if a.kind == "int" else np.int8)
+        keep_alive.append(data)
+        fields.append(trt.PluginField(a.name, data, _field_type(trt, a.kind)))
+    keep_alive.extend(fields)
+    return trt.PluginFieldCollection(fields)
 
 
 def _decode_field(kind: str, data) -> int | str:
@@ -67,8 +74,11 @@ def parse_fields(op: OpDecl, fc) -> dict:
     return attrs
 
 
-def serialize_fields(trt, op: OpDecl, attrs: dict):
-    """{attribute: value} -> PluginFieldCollection, the same encoding the ONNX parser produces."""
+def serialize_fields(trt, op: OpDecl, attrs: dict, keep_alive: list):
+    """{attribute: value} -> PluginFieldCollection, the same encoding the ONNX parser produces.
+
+    The numpy buffers (PluginField keeps only their address) are appended to `keep_alive`.
+    """
     fields = []
     for a in op.attributes:
         value = attrs[a.name]
@@ -76,7 +86,9 @@ def serialize_fields(trt, op: OpDecl, attrs: dict):
             data = np.array([int(value)], dtype=np.int32)
         else:
             data = np.frombuffer(str(value).encode("utf-8") + b"\0", dtype=np.int8).copy()
+        keep_alive.append(data)
         fields.append(trt.PluginField(a.name, data, _field_type(trt, a.kind)))
+    keep_alive.extend(fields)
     return trt.PluginFieldCollection(fields)
 
 
@@ -105,7 +117,7 @@ def make_base_class(trt, op: OpDecl):
         def clone(self):
             twin = type(self)(self.attrs, self.phase)
             for key, value in self.__dict__.items():
-                if key not in twin.__dict__:
+                if key not in twin.__dict__ and not key.startswith("_field_"):
                     twin.__dict__[key] = value
             return twin
 
@@ -118,7 +130,10 @@ def make_base_class(trt, op: OpDecl):
 
         # -- runtime ------------------------------------------------------------------------
         def get_fields_to_serialize(self):
-            return serialize_fields(trt, op, self.attrs)
+            # Kept on the plugin: TensorRT reads the field data after this call returns.
+            self._field_buffers = []
+            self._field_collection = serialize_fields(trt, op, self.attrs, self._field_buffers)
+            return self._field_collection
 
         def set_tactic(self, tactic):
             pass
@@ -140,7 +155,8 @@ def make_creator_class(trt, op: OpDecl, plugin_cls):
             self.name = op.op_type
             self.plugin_namespace = PLUGIN_NAMESPACE
             self.plugin_version = PLUGIN_VERSION
-            self.field_names = declared_fields(trt, op)
+            self._field_buffers = []
+            self.field_names = declared_fields(trt, op, self._field_buffers)
 
         def create_plugin(self, name, fc, phase):
             return plugin_cls(parse_fields(op, fc), phase)
