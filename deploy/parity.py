@@ -176,9 +176,6 @@ def compare_runs(ref: dict, run: dict, output_name: str, tol: Tolerances, seq_le
 # ---------------------------------------------------------------------------------------------
 # Command line
 # ---------------------------------------------------------------------------------------------
-RUNNER_NAMES = ("torch", "onnxrt", "onnxrt-plugin", "trt")
-
-
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("target", metavar="CKPT_DIR|MODEL.onnx", help="a checkpoint directory or an exported ONNX model")
     parser.add_argument("--onnx", metavar="MODEL.onnx", action="append", default=[],
@@ -205,56 +202,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def _onnx_io(path: Path):
-    """(input name, input dtype, input shape, output name, model dtype) of an exported ONNX model."""
-    import onnx
-
-    from omnimoe.errors import OmniMoEInputError
-
-    try:
-        model = onnx.load(str(path), load_external_data=False)
-    except Exception as e:  # protobuf raises several types on garbage
-        raise OmniMoEInputError(f"{path}: not a readable ONNX model ({type(e).__name__})") from None
-    if len(model.graph.input) != 1 or len(model.graph.output) != 1:
-        raise OmniMoEInputError(f"{path}: expected one input and one output (an omnimoe export)")
-    inp, out = model.graph.input[0], model.graph.output[0]
-    elem = inp.type.tensor_type.elem_type
-    shape = [d.dim_value if d.HasField("dim_value") else None for d in inp.type.tensor_type.shape.dim]
-    out_shape = [d.dim_value if d.HasField("dim_value") else None for d in out.type.tensor_type.shape.dim]
-    dtype = {onnx.TensorProto.FLOAT: "fp32", onnx.TensorProto.FLOAT16: "fp16", onnx.TensorProto.BFLOAT16: "bf16"}
-    model_dtype = dtype.get(out.type.tensor_type.elem_type, "fp32")
-    return inp.name, onnx.helper.tensor_dtype_to_np_dtype(elem), shape, out.name, out_shape, model_dtype, model
-
-
-def _make_input(args, input_name, np_dtype, shape, vocab):
-    from omnimoe.errors import OmniMoEInputError
-
-    if args.input:
-        path = Path(args.input)
-        if not path.is_file():
-            raise OmniMoEInputError(f"{path}: no such input file")
-        try:
-            x = np.load(path, allow_pickle=False)
-        except ValueError as e:
-            raise OmniMoEInputError(f"{path}: not a .npy array ({e})") from None
-        if isinstance(x, np.lib.npyio.NpzFile):
-            x = x[input_name] if input_name in x else x[x.files[0]]
-        if x.ndim != len(shape) or any(s is not None and s != d for s, d in zip(shape, x.shape)):
-            raise OmniMoEInputError(f"{path}: input shape {list(x.shape)} does not fit {input_name} {shape}")
-        if np.issubdtype(np_dtype, np.integer) != np.issubdtype(x.dtype, np.integer):
-            raise OmniMoEInputError(f"{path}: input dtype {x.dtype} does not fit {input_name} ({np.dtype(np_dtype)})")
-        return x.astype(np_dtype)
-    if args.tokens < 0 or args.batch < 1:
-        raise OmniMoEInputError("--tokens must be >= 0 and --batch >= 1")
-    rng = np.random.default_rng(args.seed)
-    if np.issubdtype(np_dtype, np.integer):
-        return rng.integers(0, vocab, size=(args.batch, args.tokens)).astype(np_dtype)
-    return rng.standard_normal((args.batch, args.tokens, shape[-1])).astype(np_dtype)
-
-
 def run(args: argparse.Namespace) -> int:
     import contextlib
-    import tempfile
 
     from polygraphy.comparator import Comparator, RunResults
     from polygraphy.logger import G_LOGGER
@@ -267,78 +216,14 @@ def run(args: argparse.Namespace) -> int:
 
     console = Console(stderr=True)
     G_LOGGER.module_severity = G_LOGGER.ERROR  # our own table is the summary
-    target = Path(args.target)
-    requested = [r.strip() for r in args.runners.split(",")] if args.runners else None
-    for r in requested or []:
-        if r not in RUNNER_NAMES:
-            raise OmniMoEInputError(f"unknown runner {r!r}; choose from {', '.join(RUNNER_NAMES)}")
+    requested = R.parse_runner_names(args.runners)
 
     with contextlib.ExitStack() as stack:
-        tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="omnimoe-parity-")))
-        runner_objs = []
-        model = None
-        if target.is_dir():
-            from omnimoe.checkpoint import load_checkpoint
-
-            model = load_checkpoint(target)
-            input_name, output_name = R.model_io(model)
-            np_dtype = np.int64 if output_name == "logits" else np.float32
-            shape = ["batch", "seq", getattr(model.config, "hidden_size", None)]
-            vocab = getattr(model.config, "vocab_size", None)
-            if output_name == "logits" and args.tokens > model.config.max_seq_len:
-                raise OmniMoEInputError(f"--tokens {args.tokens} exceeds the model's max_seq_len {model.config.max_seq_len}")
-            model_dtype = "fp32"
-            onnx_given = [Path(p) for p in args.onnx]
-            default = ["torch", "onnxrt", "onnxrt-plugin"] if not onnx_given else ["torch"]
-        elif target.suffix == ".onnx" or target.is_file():
-            if not target.is_file():
-                raise OmniMoEInputError(f"{target}: no such ONNX model")
-            onnx_given = [target]
-            default = []
-        else:
-            raise OmniMoEInputError(f"{target}: no such checkpoint directory or ONNX model")
-
-        given = {}  # runner name -> ONNX file given on the command line
-        for path in onnx_given:
-            if not path.is_file():
-                raise OmniMoEInputError(f"{path}: no such ONNX model")
-            input_name, np_dtype, shape, output_name, out_shape, model_dtype, onnx_model = _onnx_io(path)
-            vocab = out_shape[-1] if out_shape else None
-            kind = "onnxrt-plugin" if R.is_plugin_graph(onnx_model) else "onnxrt"
-            given[kind if kind not in given else f"{kind}:{path.name}"] = path
-            if np.issubdtype(np_dtype, np.integer) and not vocab:
-                raise OmniMoEInputError(f"{path}: vocabulary size unknown; pass --input")
-        names = requested or default + list(given)
-        if requested and given:  # an onnxrt* runner named on the command line means the given file(s)
-            names = [n for n in requested if n not in ("onnxrt", "onnxrt-plugin")] + list(given)
-        for name in names:
-            if name == "torch":
-                if model is None:
-                    raise OmniMoEInputError("the torch runner needs a checkpoint directory as target")
-                runner_objs.append(R.TorchRunner(model))
-            elif name.startswith(("onnxrt", "onnxrt-plugin")):
-                if name in given:
-                    path = given[name]
-                else:
-                    from deploy.export_cmd import example_inputs_for
-                    from export.onnx_export import export_onnx
-
-                    inputs, in_names, out_names, dynamic = example_inputs_for(model)
-                    path = tmp / f"{name}.onnx"
-                    ops_kind = "plugin" if name == "onnxrt-plugin" else "standard"
-                    console.print(f"exporting the {ops_kind}-op graph for {name} ...")
-                    export_onnx(model, path, example_inputs=inputs, ops=ops_kind, input_names=in_names,
-                                output_names=out_names, dynamic_shapes=dynamic, progress=False)
-                if name.startswith("onnxrt-plugin"):
-                    path = stack.enter_context(R.with_routing_outputs(path))
-                runner_objs.append(R.onnxrt_runner(path, name))
-            elif name == "trt":
-                if not args.engine:
-                    raise OmniMoEInputError("the trt runner needs --engine MODEL.engine")
-                runner_objs.append(R.trt_runner(Path(args.engine)))
-
-        feed = _make_input(args, input_name, np_dtype, shape, vocab)
-        nonfinite = int((~np.isfinite(feed)).sum()) if np.issubdtype(feed.dtype, np.floating) else 0
+        setup = R.open_target(Path(args.target), [Path(p) for p in args.onnx])
+        runner_objs = R.build_runners(setup, requested, engine=args.engine, stack=stack, log=console.print)
+        feed = R.make_input(setup, args.input, args.tokens, args.batch, args.seed)
+        input_name, output_name, model_dtype = setup.input_name, setup.output_name, setup.dtype
+        nonfinite = R.count_nonfinite(feed)
         if nonfinite:
             console.print(f"[yellow]warning: the input holds {nonfinite} NaN/Inf values; they propagate to the outputs")
         if args.save_inputs:

@@ -8,6 +8,7 @@ ONNX Runtime on a plugin graph yields `routing.l.indices` from the OmniProductKe
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import tempfile
 import time
@@ -169,3 +170,202 @@ def trt_runner(engine_path: Path, name: str = "trt"):
     if not Path(engine_path).is_file():
         raise OmniMoEInputError(f"{engine_path}: no such engine file")
     return TrtRunner(EngineFromBytes(BytesFromPath(str(engine_path))), name=name)
+
+
+# ---------------------------------------------------------------------------------------------
+# What to run: a checkpoint and/or ONNX files, the runners for them, and their input
+# ---------------------------------------------------------------------------------------------
+RUNNER_NAMES = ("torch", "torch-triton", "onnxrt", "onnxrt-plugin", "trt")
+
+
+def parse_runner_names(text: str | None) -> list[str] | None:
+    if not text:
+        return None
+    names = [r.strip() for r in text.split(",") if r.strip()]
+    for r in names:
+        if r not in RUNNER_NAMES:
+            raise OmniMoEInputError(f"unknown runner {r!r}; choose from {', '.join(RUNNER_NAMES)}")
+    return names
+
+
+@dataclasses.dataclass
+class Target:
+    """A checkpoint (model) and/or ONNX files, with the I/O contract they share."""
+
+    model: torch.nn.Module | None
+    input_name: str
+    output_name: str
+    np_dtype: type
+    shape: list  # None for dynamic axes
+    vocab: int | None
+    max_seq_len: int | None
+    dtype: str  # fp32 | fp16 | bf16
+    onnx_files: dict  # runner name -> Path
+
+    @property
+    def token_ids(self) -> bool:
+        return np.issubdtype(self.np_dtype, np.integer)
+
+
+def _onnx_io(path: Path) -> tuple:
+    import onnx
+
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+    except Exception as e:  # protobuf raises several types on garbage
+        raise OmniMoEInputError(f"{path}: not a readable ONNX model ({type(e).__name__})") from None
+    if len(model.graph.input) != 1 or len(model.graph.output) != 1:
+        raise OmniMoEInputError(f"{path}: expected one input and one output (an omnimoe export)")
+    inp, out = model.graph.input[0], model.graph.output[0]
+
+    def dims(value):
+        return [d.dim_value if d.HasField("dim_value") else None for d in value.type.tensor_type.shape.dim]
+
+    names = {onnx.TensorProto.FLOAT: "fp32", onnx.TensorProto.FLOAT16: "fp16", onnx.TensorProto.BFLOAT16: "bf16"}
+    dtype = names.get(out.type.tensor_type.elem_type, "fp32")
+    np_dtype = onnx.helper.tensor_dtype_to_np_dtype(inp.type.tensor_type.elem_type)
+    return inp.name, out.name, np_dtype, dims(inp), dims(out), dtype, is_plugin_graph(model)
+
+
+def open_target(target: Path, onnx_paths=()) -> Target:
+    """A checkpoint directory (optionally with ONNX files made from it) or an ONNX file."""
+    model = None
+    onnx_paths = list(onnx_paths)
+    if target.is_dir():
+        from omnimoe.checkpoint import load_checkpoint
+
+        model = load_checkpoint(target)
+        input_name, output_name = model_io(model)
+        is_lm = output_name == "logits"
+        setup = Target(
+            model, input_name, output_name, np.int64 if is_lm else np.float32,
+            [None, None] if is_lm else [None, None, model.config.hidden_size],
+            model.config.vocab_size if is_lm else None, model.config.max_seq_len if is_lm else None, "fp32", {},
+        )
+    elif target.is_file() and target.suffix == ".onnx":
+        onnx_paths.insert(0, target)
+        setup = None
+    elif target.suffix == ".onnx":
+        raise OmniMoEInputError(f"{target}: no such ONNX model")
+    else:
+        raise OmniMoEInputError(f"{target}: no such checkpoint directory or ONNX model")
+    for path in onnx_paths:
+        if not path.is_file():
+            raise OmniMoEInputError(f"{path}: no such ONNX model")
+        input_name, output_name, np_dtype, in_dims, out_dims, dtype, plugin = _onnx_io(path)
+        if setup is None:
+            vocab = out_dims[-1] if np.issubdtype(np_dtype, np.integer) and out_dims else None
+            setup = Target(None, input_name, output_name, np_dtype, in_dims, vocab, None, dtype, {})
+        elif (input_name, output_name) != (setup.input_name, setup.output_name):
+            raise OmniMoEInputError(f"{path}: its I/O ({input_name} -> {output_name}) does not match {target}")
+        else:
+            setup.dtype = dtype
+        kind = "onnxrt-plugin" if plugin else "onnxrt"
+        setup.onnx_files[kind if kind not in setup.onnx_files else f"{kind}:{path.name}"] = path
+    return setup
+
+
+def build_runners(setup: Target, requested, *, engine=None, stack: contextlib.ExitStack, log=print) -> list:
+    """Runner objects in order (the first is the reference).
+
+    Default: for a checkpoint, torch plus the given ONNX files, or torch + both exported graphs
+    when none is given; for an ONNX file, that file. A named onnxrt* runner means the given file(s)
+    when there are any, else a graph exported from the checkpoint into a temporary directory.
+    """
+    if requested is None:
+        names = (["torch"] if setup.model is not None else []) + (
+            list(setup.onnx_files) or ["onnxrt", "onnxrt-plugin"]
+        )
+    elif setup.onnx_files:
+        names = [n for n in requested if n not in ("onnxrt", "onnxrt-plugin")] + list(setup.onnx_files)
+    else:
+        names = requested
+    tmp = None
+    runners = []
+    for name in names:
+        if name in ("torch", "torch-triton"):
+            if setup.model is None:
+                raise OmniMoEInputError(f"the {name} runner needs a checkpoint directory as target")
+            model = setup.model
+            if name == "torch-triton":
+                if not torch.cuda.is_available():
+                    raise OmniMoEInputError("the torch-triton runner needs a CUDA GPU")
+                import copy
+
+                model = copy.deepcopy(setup.model).cuda()
+                for layer in omnimoe_layers(model):
+                    layer.backend = "triton"
+            runners.append(TorchRunner(model, name=name))
+        elif name.startswith(("onnxrt", "onnxrt-plugin")):
+            path = setup.onnx_files.get(name)
+            if path is None:
+                from deploy.export_cmd import example_inputs_for
+                from export.onnx_export import export_onnx
+
+                if tmp is None:
+                    tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="omnimoe-")))
+                inputs, in_names, out_names, dynamic = example_inputs_for(setup.model)
+                ops_kind = "plugin" if name == "onnxrt-plugin" else "standard"
+                path = tmp / f"{name}.onnx"
+                log(f"exporting the {ops_kind}-op graph for {name} ...")
+                export_onnx(setup.model, path, example_inputs=inputs, ops=ops_kind, input_names=in_names,
+                            output_names=out_names, dynamic_shapes=dynamic, progress=False)
+            if name.startswith("onnxrt-plugin"):
+                path = stack.enter_context(with_routing_outputs(path))
+            runners.append(onnxrt_runner(path, name))
+        elif name == "trt":
+            if not engine:
+                raise OmniMoEInputError("the trt runner needs --engine MODEL.engine")
+            runners.append(trt_runner(Path(engine)))
+    return runners
+
+
+def load_array(path, name: str) -> np.ndarray:
+    """A .npy array, or the array called `name` (or the only one) in a .npz."""
+    path = Path(path)
+    if not path.is_file():
+        raise OmniMoEInputError(f"{path}: no such input file")
+    try:
+        data = np.load(path, allow_pickle=False)
+    except (ValueError, OSError, EOFError) as e:
+        raise OmniMoEInputError(f"{path}: not a readable .npy/.npz file ({e})") from None
+    if isinstance(data, np.lib.npyio.NpzFile):
+        if name in data.files:
+            return data[name]
+        if len(data.files) == 1:
+            return data[data.files[0]]
+        raise OmniMoEInputError(f"{path}: holds {data.files}; expected an array named {name!r}")
+    return data
+
+
+def check_input(setup: Target, x: np.ndarray) -> np.ndarray:
+    """Shape, dtype and range checks; returns x in the model's input dtype."""
+    name = setup.input_name
+    if x.ndim != len(setup.shape) or any(s is not None and s != d for s, d in zip(setup.shape, x.shape)):
+        want = ["*" if s is None else s for s in setup.shape]
+        raise OmniMoEInputError(f"input {name} must have shape {want}, got {list(x.shape)}")
+    if setup.token_ids != np.issubdtype(x.dtype, np.integer) or not (setup.token_ids or np.issubdtype(x.dtype, np.floating)):
+        raise OmniMoEInputError(f"input {name} must be {'integer token ids' if setup.token_ids else 'floating point'}, got {x.dtype}")
+    if setup.token_ids and x.size and setup.vocab and (x.min() < 0 or x.max() >= setup.vocab):
+        raise OmniMoEInputError(f"token ids must lie in [0, {setup.vocab})")
+    if setup.max_seq_len is not None and x.shape[1] > setup.max_seq_len:
+        raise OmniMoEInputError(f"sequence length {x.shape[1]} exceeds the model's max_seq_len {setup.max_seq_len}")
+    return x.astype(setup.np_dtype)
+
+
+def make_input(setup: Target, input_path=None, tokens: int = 37, batch: int = 2, seed: int = 0) -> np.ndarray:
+    """The given input (checked) or a seeded random one of [batch, tokens(, d)]."""
+    if input_path:
+        return check_input(setup, load_array(input_path, setup.input_name))
+    if tokens < 0 or batch < 1:
+        raise OmniMoEInputError("--tokens must be >= 0 and --batch >= 1")
+    rng = np.random.default_rng(seed)
+    if setup.token_ids:
+        if not setup.vocab:
+            raise OmniMoEInputError("vocabulary size unknown; pass --input")
+        return check_input(setup, rng.integers(0, setup.vocab, size=(batch, tokens)))
+    return check_input(setup, rng.standard_normal((batch, tokens, setup.shape[-1])))
+
+
+def count_nonfinite(x: np.ndarray) -> int:
+    return int((~np.isfinite(x)).sum()) if np.issubdtype(x.dtype, np.floating) else 0
