@@ -1,0 +1,271 @@
+"""Routed experts: y[t] = sum_k act(<up[e_tk], x_t>) * g_tk * down[e_tk], two schedules.
+
+token-centric (few tokens per expert: T*K/N small, or decode): one program per token keeps x_t
+and y_t in registers and gathers its K expert rows in blocks; no scratch, one launch.
+
+expert-centric (many tokens per expert): a GPU counting sort groups the T*K (token, slot) pairs
+by expert (histogram with atomics whose return value is the pair's rank inside its expert,
+two-level exclusive scan, scatter; all buffers sized from T*K and N, no host sync). One program
+per tile of BE consecutive experts then walks its pairs in blocks of BM: S = X_q @ W_q^T on
+tensor cores (W_q = the tile's BE up rows, contiguous), pick each pair's own column, act * gate,
+then (one-hot H) @ V_q on tensor cores and fp32 atomic adds into y. A final pass casts y.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .. import ops
+from ._launch import Carver, check_device, check_out, next_pow2
+
+ACT_IDS = {"silu": 0, "gelu": 1, "relu": 2, "gelu_tanh": 3}
+
+# Expert-centric tiles: BE consecutive experts x BM pairs x BD hidden features per step.
+_EC_BE = 16
+_EC_BM = 64
+_EC_BD = 64
+# Scan block for the counting sort's exclusive scan over N+1 counters.
+_SCAN_BLOCK = 1024
+# Expected pairs per expert (T*K/N) from which the expert-centric schedule wins; below it, or for
+# few tokens, the token-centric one (measured on the H200, see benchmarks/README-table.md).
+EXPERT_CENTRIC_MIN_REUSE = 4.0
+EXPERT_CENTRIC_MIN_TOKENS = 65
+
+
+@triton.jit
+def _act(h, ACT: tl.constexpr):
+    if ACT == 0:  # silu
+        return h / (1.0 + tl.exp(-h))
+    elif ACT == 1:  # gelu (erf)
+        return 0.5 * h * (1.0 + tl.math.erf(h * 0.7071067811865476))
+    elif ACT == 2:  # relu
+        return tl.maximum(h, 0.0)
+    else:  # gelu_tanh; tanh(u) = 1 - 2 / (1 + exp(2u)) saturates correctly at +-inf
+        u = 0.7978845608028654 * (h + 0.044715 * h * h * h)
+        return 0.5 * h * (2.0 - 2.0 / (1.0 + tl.exp(2.0 * u)))
+
+
+# ----------------------------------------------------------------------------- token-centric
+@triton.jit
+def _token_centric_kernel(
+    x_ptr, up_ptr, down_ptr, g_ptr, idx_ptr, y_ptr,
+    D, K, N,
+    ACT: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    t = tl.program_id(0).to(tl.int64)
+    dd = tl.arange(0, BLOCK_D)
+    dm = dd < D
+    xr = tl.load(x_ptr + t * D + dd, mask=dm, other=0.0).to(tl.float32)
+    acc = tl.zeros([BLOCK_D], dtype=tl.float32)
+    kk = tl.arange(0, BLOCK_K)
+    for k0 in range(0, K, BLOCK_K):
+        km = (k0 + kk) < K
+        e = tl.load(idx_ptr + t * K + k0 + kk, mask=km, other=0)
+        # Out-of-range ids (corrupt input) contribute nothing instead of reading out of bounds.
+        km = km & (e >= 0) & (e < N)
+        g = tl.load(g_ptr + t * K + k0 + kk, mask=km, other=0.0)
+        rows = e.to(tl.int64) * D
+        m2 = km[:, None] & dm[None, :]
+        u = tl.load(up_ptr + rows[:, None] + dd[None, :], mask=m2, other=0.0).to(tl.float32)
+        h = _act(tl.sum(u * xr[None, :], axis=1), ACT) * g
+        v = tl.load(down_ptr + rows[:, None] + dd[None, :], mask=m2, other=0.0).to(tl.float32)
+        acc += tl.sum(h[:, None] * v, axis=0)
+    tl.store(y_ptr + t * D + dd, acc.to(y_ptr.dtype.element_ty), mask=dm)
+
+
+# ----------------------------------------------------------------------------- counting sort
+@triton.jit
+def _histogram_kernel(idx_ptr, counts_ptr, rank_ptr, TK, N, BLOCK: tl.constexpr):
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    m = offs < TK
+    e = tl.load(idx_ptr + offs, mask=m, other=0)
+    valid = m & (e >= 0) & (e < N)
+    # The old value is this pair's slot inside its expert's group.
+    r = tl.atomic_add(counts_ptr + e, 1, mask=valid, sem="relaxed")
+    tl.store(rank_ptr + offs, r, mask=m)
+
+
+@triton.jit
+def _scan_blocks_kernel(counts_ptr, offsets_ptr, block_sums_ptr, N1, BLOCK: tl.constexpr):
+    pid = tl.program_id(0)
+    offs = pid * BLOCK + tl.arange(0, BLOCK)
+    m = offs < N1
+    c = tl.load(counts_ptr + offs, mask=m, other=0)
+    tl.store(offsets_ptr + offs, tl.cumsum(c, axis=0) - c, mask=m)
+    tl.store(block_sums_ptr + pid, tl.sum(c, axis=0))
+
+
+@triton.jit
+def _scan_top_kernel(block_sums_ptr, NB, BLOCK: tl.constexpr):
+    # In-place exclusive scan of the per-block totals (one program; NB = (N+1)/1024 is small).
+    carry = tl.sum(tl.zeros([BLOCK], dtype=tl.int32), axis=0)
+    for b0 in range(0, NB, BLOCK):
+        offs = b0 + tl.arange(0, BLOCK)
+        m = offs < NB
+        v = tl.load(block_sums_ptr + offs, mask=m, other=0)
+        tl.store(block_sums_ptr + offs, carry + tl.cumsum(v, axis=0) - v, mask=m)
+        carry += tl.sum(v, axis=0)
+
+
+@triton.jit
+def _group_start(offsets_ptr, block_sums_ptr, e, SCAN_BLOCK: tl.constexpr):
+    return tl.load(offsets_ptr + e) + tl.load(block_sums_ptr + e // SCAN_BLOCK)
+
+
+@triton.jit
+def _scatter_kernel(idx_ptr, rank_ptr, offsets_ptr, block_sums_ptr, sorted_ptr, TK, N,
+                    SCAN_BLOCK: tl.constexpr, BLOCK: tl.constexpr):
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    m = offs < TK
+    e = tl.load(idx_ptr + offs, mask=m, other=0)
+    m = m & (e >= 0) & (e < N)
+    e = tl.where(m, e, 0)
+    pos = tl.load(offsets_ptr + e, mask=m, other=0) + tl.load(block_sums_ptr + e // SCAN_BLOCK, mask=m, other=0)
+    pos += tl.load(rank_ptr + offs, mask=m, other=0)
+    tl.store(sorted_ptr + pos, offs, mask=m)
+
+
+# ----------------------------------------------------------------------------- expert tiles
+@triton.jit
+def _expert_tile_kernel(
+    x_ptr, up_ptr, down_ptr, g_ptr, idx_ptr, sorted_ptr, offsets_ptr, block_sums_ptr, y_ptr,
+    D, K, N,
+    ACT: tl.constexpr, BE: tl.constexpr, BM: tl.constexpr, BD: tl.constexpr,
+    SCAN_BLOCK: tl.constexpr, IEEE: tl.constexpr, SPLIT: tl.constexpr,
+):
+    e0 = tl.program_id(0) * BE
+    start = _group_start(offsets_ptr, block_sums_ptr, e0, SCAN_BLOCK)
+    end = _group_start(offsets_ptr, block_sums_ptr, tl.minimum(e0 + BE, N), SCAN_BLOCK)
+    cols = tl.arange(0, BE)
+    erows = e0 + cols
+    em = erows < N
+    wrow = erows.to(tl.int64) * D
+    dd = tl.arange(0, BD)
+    mm = tl.arange(0, BM)
+    for m0 in range(start, end, BM):
+        rm = (m0 + mm) < end
+        p = tl.load(sorted_ptr + m0 + mm, mask=rm, other=0)
+        tok = (p // K).to(tl.int64)
+        e = tl.load(idx_ptr + p, mask=rm, other=0)
+        g = tl.load(g_ptr + p, mask=rm, other=0.0)
+        xrow = tok * D
+        # S[m, c] = <x[tok_m], up[e0 + c]> for the whole tile; each pair keeps its own column.
+        acc = tl.zeros([BM, BE], dtype=tl.float32)
+        for d0 in range(0, D, BD):
+            dm = (d0 + dd) < D
+            xt = tl.load(x_ptr + xrow[:, None] + d0 + dd[None, :], mask=rm[:, None] & dm[None, :], other=0.0)
+            w = tl.load(up_ptr + wrow[:, None] + d0 + dd[None, :], mask=em[:, None] & dm[None, :], other=0.0)
+            if IEEE:
+                acc = tl.dot(xt, tl.trans(w), acc, input_precision="ieee")
+            else:
+                acc = tl.dot(xt, tl.trans(w), acc)
+        onehot = (e - e0)[:, None] == cols[None, :]
+        h = _act(tl.sum(tl.where(onehot, acc, 0.0), axis=1), ACT) * g
+        hm = tl.where(onehot, h[:, None], 0.0)
+        if SPLIT:
+            # 16-bit tensor-core operands: split h into hi + lo parts to keep ~16 mantissa bits.
+            h_hi = hm.to(x_ptr.dtype.element_ty)
+            h_lo = (hm - h_hi.to(tl.float32)).to(x_ptr.dtype.element_ty)
+        for d0 in range(0, D, BD):
+            dm = (d0 + dd) < D
+            v = tl.load(down_ptr + wrow[:, None] + d0 + dd[None, :], mask=em[:, None] & dm[None, :], other=0.0)
+            if SPLIT:
+                o = tl.dot(h_hi, v)
+                o = tl.dot(h_lo, v, o)
+            elif IEEE:
+                o = tl.dot(hm, v.to(tl.float32), input_precision="ieee")
+            else:
+                o = tl.dot(hm, v.to(tl.float32))
+            tl.atomic_add(y_ptr + xrow[:, None] + d0 + dd[None, :], o, mask=rm[:, None] & dm[None, :], sem="relaxed")
+
+
+def expert_workspace_bytes(max_tokens: int, top_k: int, num_experts: int, hidden_size: int) -> int:
+    """Scratch for the expert-centric schedule (the token-centric one needs none)."""
+    from ._launch import align
+
+    tk = int(max_tokens) * int(top_k)
+    n1 = int(num_experts) + 1
+    nb = (n1 + _SCAN_BLOCK - 1) // _SCAN_BLOCK
+    return (
+        align(n1 * 4) * 2  # counts, offsets
+        + align(nb * 4)  # block sums
+        + align(tk * 4) * 2  # rank, sorted pairs
+        + align(int(max_tokens) * int(hidden_size) * 4)  # fp32 accumulator for y
+    )
+
+
+def use_expert_centric(T: int, K: int, N: int) -> bool:
+    """Expert-centric when each expert expects enough tokens to amortise grouping."""
+    return T >= EXPERT_CENTRIC_MIN_TOKENS and T * K >= EXPERT_CENTRIC_MIN_REUSE * N
+
+
+def expert_grouped_matmul_triton(
+    x: torch.Tensor,
+    up: torch.Tensor,
+    down: torch.Tensor,
+    gates: torch.Tensor,
+    indices: torch.Tensor,
+    activation: str,
+    *,
+    out: torch.Tensor | None = None,
+    workspace: torch.Tensor | None = None,
+    schedule: str = "auto",
+) -> torch.Tensor:
+    """y [T,d] in x's dtype (ops.expert_grouped_matmul_reference). `schedule`: auto|token|expert.
+
+    With out and workspace given: no allocation, no host sync, current stream only.
+    """
+    T, D, N, K = ops.check_expert_inputs(x, up, down, gates, indices, activation)
+    check_device(x, up, down, gates, indices)
+    if x.dtype not in (torch.float32, torch.float16, torch.bfloat16) or up.dtype != x.dtype or down.dtype != x.dtype:
+        raise ops.OmniMoEInputError(f"x, up, down must share one of fp32/fp16/bf16, got {x.dtype}/{up.dtype}/{down.dtype}")
+    for name, t in (("x", x), ("up", up), ("down", down), ("gates", gates), ("indices", indices)):
+        if not t.is_contiguous():
+            raise ops.OmniMoEInputError(f"{name} must be contiguous")
+    dev = x.device
+    if out is None:
+        out = torch.empty((T, D), dtype=x.dtype, device=dev)
+    check_out(out, (T, D), x.dtype, dev, "out")
+    if T == 0:
+        return out
+    act = ACT_IDS[activation]
+    if schedule == "auto":
+        schedule = "expert" if use_expert_centric(T, K, N) else "token"
+    if schedule == "token":
+        block_d = next_pow2(D)
+        block_k = max(2, min(next_pow2(K), max(2, 16384 // block_d)))
+        _token_centric_kernel[(T,)](
+            x, up, down, gates, indices, out, D, K, N,
+            ACT=act, BLOCK_D=block_d, BLOCK_K=block_k, num_warps=4 if block_d <= 512 else 8,
+        )
+        return out
+    if schedule != "expert":
+        raise ops.OmniMoEInputError(f"schedule must be auto|token|expert, got {schedule!r}")
+
+    tk, n1 = T * K, N + 1
+    nb = triton.cdiv(n1, _SCAN_BLOCK)
+    carver = Carver(workspace, expert_workspace_bytes(T, K, N, D), dev)
+    counts = carver.take(n1, torch.int32)
+    offsets = carver.take(n1, torch.int32)
+    block_sums = carver.take(nb, torch.int32)
+    rank = carver.take(tk, torch.int32)
+    sorted_pairs = carver.take(tk, torch.int32)
+    y32 = out if x.dtype == torch.float32 else carver.take(T * D, torch.float32).view(T, D)
+    counts.zero_()
+    y32.zero_()
+    blk = 1024
+    _histogram_kernel[(triton.cdiv(tk, blk),)](indices, counts, rank, tk, N, BLOCK=blk)
+    _scan_blocks_kernel[(nb,)](counts, offsets, block_sums, n1, BLOCK=_SCAN_BLOCK)
+    _scan_top_kernel[(1,)](block_sums, nb, BLOCK=1024)
+    _scatter_kernel[(triton.cdiv(tk, blk),)](indices, rank, offsets, block_sums, sorted_pairs, tk, N,
+                                            SCAN_BLOCK=_SCAN_BLOCK, BLOCK=blk)
+    fp32 = x.dtype == torch.float32
+    _expert_tile_kernel[(triton.cdiv(N, _EC_BE),)](
+        x, up, down, gates, indices, sorted_pairs, offsets, block_sums, y32, D, K, N,
+        ACT=act, BE=_EC_BE, BM=_EC_BM, BD=_EC_BD, SCAN_BLOCK=_SCAN_BLOCK,
+        IEEE=fp32, SPLIT=not fp32, num_warps=4,
+    )
+    if y32 is not out:
+        out.copy_(y32)
+    return out

@@ -1,0 +1,273 @@
+"""Product-key router: exact top-K of S[i*s+j] = px[i] + py[j] in one Triton program per token.
+
+Per token (one CTA):
+1. Sort each axis (bitonic `tl.sort` on packed (float-key, index) int64 so ties go to the smaller
+   index) and keep the top KA = min(K, s) of each, in a per-token workspace slice.
+2. Only rank pairs (a, b) with (a+1)(b+1) <= K can be in the top-K (each has >= that many pairs
+   at least as large), so row a of the candidate grid has L_a = min(KA, K // (a+1)) entries, and
+   along a row the sums are non-increasing (fp addition is monotone). The K-th largest score
+   theta is found by bisection on the order-preserving int32 image of the fp32 sum; counting
+   "how many candidates >= theta" is a vectorised binary search in every row: O(KA log KA) per
+   step instead of O(candidates).
+3. Every candidate > theta is emitted; ties at theta are admitted smallest expert index first
+   (a second bisection over expert ids, only run when ties overflow K).
+4. The K winners are written unsorted into the outputs, re-loaded, sorted (score desc, expert
+   asc) with one bitonic sort of K elements and turned into gates (exp or softmax).
+
+Cost per token: two sorts of s, ~25 x log2(KA) x KA gathers for theta, one sort of K.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from .. import ops
+from ._launch import Carver, check_device, check_out, next_pow2
+
+# Int32 words of per-token scratch per axis rank: x vals, y vals, x idx, y idx, row prefix,
+# tie prefix, strict counts.
+_WS_ROWS = 7
+
+
+@triton.jit
+def _f32_key(v):
+    # Order-preserving map fp32 -> int32 (negative floats: flip the magnitude bits).
+    b = v.to(tl.int32, bitcast=True)
+    return b ^ ((b >> 31) & 0x7FFFFFFF)
+
+
+@triton.jit
+def _key_f32(k):
+    # The map above is an involution.
+    b = k ^ ((k >> 31) & 0x7FFFFFFF)
+    return b.to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _sort_axis(row_ptr, s, vals_ptr, idx_ptr, KA, BLOCK_S: tl.constexpr):
+    offs = tl.arange(0, BLOCK_S)
+    v = tl.load(row_ptr + offs, mask=offs < s, other=float("-inf"))
+    # Low word: larger for smaller index, so a descending sort breaks ties by smaller index
+    # (padding lanes, index >= s, lose every tie against real lanes).
+    packed = (_f32_key(v).to(tl.int64) << 32) | (BLOCK_S - 1 - offs).to(tl.int64)
+    packed = tl.sort(packed, descending=True)
+    idx = (BLOCK_S - 1) - (packed & 0xFFFFFFFF).to(tl.int32)
+    sv = _key_f32((packed >> 32).to(tl.int32))
+    keep = offs < KA
+    tl.store(vals_ptr + offs, sv, mask=keep)
+    tl.store(idx_ptr + offs, idx, mask=keep)
+
+
+@triton.jit
+def _count_ge(xs, rowlen, ys_ptr, theta, STEPS: tl.constexpr):
+    """Per row a: #{b < rowlen[a] : key(xs[a] + ys[b]) >= theta} (rows are non-increasing)."""
+    lo = tl.zeros_like(rowlen)
+    hi = rowlen
+    for _ in tl.static_range(STEPS):
+        active = lo < hi
+        mid = (lo + hi) // 2
+        yv = tl.load(ys_ptr + mid, mask=active, other=0.0)
+        ge = _f32_key(xs + yv).to(tl.int64) >= theta
+        lo = tl.where(active & ge, mid + 1, lo)
+        hi = tl.where(active & (~ge), mid, hi)
+    return lo
+
+
+@triton.jit
+def _row_of(j, incl_ptr, KA, STEPS: tl.constexpr):
+    """Row a holding flat item j given inclusive row prefix sums: smallest a with incl[a] > j."""
+    lo = tl.zeros_like(j)
+    hi = tl.zeros_like(j) + KA
+    for _ in tl.static_range(STEPS):
+        active = lo < hi
+        mid = (lo + hi) // 2
+        p = tl.load(incl_ptr + mid, mask=active, other=0)
+        gt = p > j
+        lo = tl.where(active & (~gt), mid + 1, lo)
+        hi = tl.where(active & gt, mid, hi)
+    prev = tl.load(incl_ptr + lo - 1, mask=lo > 0, other=0)
+    return lo, j - prev
+
+
+@triton.jit
+def _tie_expert(j, xv_ptr, yv_ptr, xi_ptr, yi_ptr, q_ptr, g_ptr, s, KA, STEPS_A: tl.constexpr):
+    # Tie item j lives in row a at column g[a] + offset (ties are contiguous inside a row).
+    a, off = _row_of(j, q_ptr, KA, STEPS_A)
+    b = tl.load(g_ptr + a) + off
+    e = tl.load(xi_ptr + a) * s + tl.load(yi_ptr + b)
+    v = tl.load(xv_ptr + a) + tl.load(yv_ptr + b)
+    return e, v
+
+
+@triton.jit
+def _product_key_topk_kernel(
+    px_ptr, py_ptr, gates_ptr, idx_ptr, wsf_ptr, wsi_ptr,
+    s, K, KA, stride_px, stride_py,
+    SOFTMAX: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_A: tl.constexpr, BLOCK_K: tl.constexpr,
+    CHUNK: tl.constexpr, STEPS_A: tl.constexpr, STEPS_N: tl.constexpr,
+):
+    t = tl.program_id(0).to(tl.int64)
+    base = t * (7 * KA)
+    xv_ptr = wsf_ptr + base
+    yv_ptr = xv_ptr + KA
+    xi_ptr = wsi_ptr + base + 2 * KA
+    yi_ptr = xi_ptr + KA
+    p_ptr = xi_ptr + 2 * KA  # inclusive prefix of rows' emitted counts
+    q_ptr = xi_ptr + 3 * KA  # inclusive prefix of rows' tie counts
+    g_ptr = xi_ptr + 4 * KA  # rows' strictly-greater counts
+    out_g = gates_ptr + t * K
+    out_i = idx_ptr + t * K
+
+    _sort_axis(px_ptr + t * stride_px, s, xv_ptr, xi_ptr, KA, BLOCK_S)
+    _sort_axis(py_ptr + t * stride_py, s, yv_ptr, yi_ptr, KA, BLOCK_S)
+    tl.debug_barrier()
+
+    rows = tl.arange(0, BLOCK_A)
+    rmask = rows < KA
+    xs = tl.load(xv_ptr + rows, mask=rmask, other=float("-inf"))
+    rowlen = tl.where(rmask, tl.minimum(K // (rows + 1), KA), 0)
+
+    # Bisection for theta = max{th : count(key >= th) >= K}. lo: the smallest candidate (count = all
+    # candidates >= K); hi: one past the largest (count 0).
+    lo = _f32_key(tl.load(xv_ptr + KA - 1) + tl.load(yv_ptr + KA - 1)).to(tl.int64)
+    hi = _f32_key(tl.load(xv_ptr) + tl.load(yv_ptr)).to(tl.int64) + 1
+    while hi - lo > 1:
+        mid = (lo + hi) >> 1
+        c = tl.sum(_count_ge(xs, rowlen, yv_ptr, mid, STEPS_A), axis=0)
+        ok = c >= K
+        lo = tl.where(ok, mid, lo)
+        hi = tl.where(ok, hi, mid)
+    theta = lo
+    cnt_ge = _count_ge(xs, rowlen, yv_ptr, theta, STEPS_A)
+    cnt_gt = _count_ge(xs, rowlen, yv_ptr, theta + 1, STEPS_A)
+    total_ge = tl.sum(cnt_ge, axis=0)
+    n_gt = tl.sum(cnt_gt, axis=0)
+    overflow = total_ge > K
+    # Without overflow every candidate >= theta is a winner; with it, only the strict ones here.
+    emit = tl.where(overflow, cnt_gt, cnt_ge)
+    n_emit = tl.where(overflow, n_gt, total_ge)
+    tl.store(p_ptr + rows, tl.cumsum(emit, axis=0), mask=rmask)
+    tl.store(q_ptr + rows, tl.cumsum(cnt_ge - cnt_gt, axis=0), mask=rmask)
+    tl.store(g_ptr + rows, cnt_gt, mask=rmask)
+    tl.debug_barrier()
+
+    lanes = tl.arange(0, CHUNK)
+    for o0 in range(0, n_emit, CHUNK):
+        o = o0 + lanes
+        om = o < n_emit
+        a, b = _row_of(o, p_ptr, KA, STEPS_A)
+        v = tl.load(xv_ptr + a, mask=om, other=0.0) + tl.load(yv_ptr + b, mask=om, other=0.0)
+        e = tl.load(xi_ptr + a, mask=om, other=0) * s + tl.load(yi_ptr + b, mask=om, other=0)
+        tl.store(out_g + o, v, mask=om)
+        tl.store(out_i + o, e, mask=om)
+
+    if overflow:
+        # Ties at theta exceed the K - n_gt free slots: admit the smallest expert ids. Bisection
+        # for e_star = min{E : #{ties with expert < E} >= need}; exactly `need` are below it.
+        need = K - n_gt
+        n_tie = total_ge - n_gt
+        elo = tl.zeros_like(n_tie)
+        ehi = tl.zeros_like(n_tie) + s * s
+        for _ in range(STEPS_N):
+            emid = (elo + ehi) // 2
+            c = tl.zeros_like(n_tie)
+            for j0 in range(0, n_tie, CHUNK):
+                j = j0 + lanes
+                jm = j < n_tie
+                e, v = _tie_expert(tl.where(jm, j, 0), xv_ptr, yv_ptr, xi_ptr, yi_ptr, q_ptr, g_ptr, s, KA, STEPS_A)
+                c += tl.sum((jm & (e < emid)).to(tl.int32), axis=0)
+            # Once elo == ehi, emid == elo and c >= need, so the bounds stay put.
+            ok = c >= need
+            ehi = tl.where(ok, emid, ehi)
+            elo = tl.where(ok, elo, emid + 1)
+        e_star = elo
+        written = n_gt
+        for j0 in range(0, n_tie, CHUNK):
+            j = j0 + lanes
+            jm = j < n_tie
+            e, v = _tie_expert(tl.where(jm, j, 0), xv_ptr, yv_ptr, xi_ptr, yi_ptr, q_ptr, g_ptr, s, KA, STEPS_A)
+            sel = jm & (e < e_star)
+            pos = written + tl.cumsum(sel.to(tl.int32), axis=0) - 1
+            tl.store(out_g + pos, v, mask=sel)
+            tl.store(out_i + pos, e, mask=sel)
+            written += tl.sum(sel.to(tl.int32), axis=0)
+    tl.debug_barrier()
+
+    # Final order: score descending, expert ascending on exact ties.
+    ko = tl.arange(0, BLOCK_K)
+    km = ko < K
+    v = tl.load(out_g + ko, mask=km, other=0.0)
+    e = tl.load(out_i + ko, mask=km, other=0)
+    packed = (_f32_key(v).to(tl.int64) << 32) | (0x7FFFFFFF - e).to(tl.int64)
+    packed = tl.where(km, packed, -9223372036854775807 - 1)
+    packed = tl.sort(packed, descending=True)
+    score = _key_f32((packed >> 32).to(tl.int32))
+    e = 0x7FFFFFFF - (packed & 0xFFFFFFFF).to(tl.int32)
+    if SOFTMAX:
+        m = tl.max(tl.where(km, score, float("-inf")), axis=0)
+        p = tl.where(km, tl.exp(score - m), 0.0)
+        g = p / tl.sum(p, axis=0)
+    else:
+        g = tl.exp(score)
+    tl.store(out_g + ko, g, mask=km)
+    tl.store(out_i + ko, e, mask=km)
+
+
+def topk_workspace_bytes(max_tokens: int, grid_side: int, top_k: int) -> int:
+    """Scratch for `product_key_topk_triton`: 7 int32 words per token per kept axis rank."""
+    ka = min(int(top_k), int(grid_side))
+    return int(max_tokens) * _WS_ROWS * ka * 4
+
+
+def product_key_topk_triton(
+    log_probs_x: torch.Tensor,
+    log_probs_y: torch.Tensor,
+    top_k: int,
+    gate: str,
+    *,
+    gates_out: torch.Tensor | None = None,
+    indices_out: torch.Tensor | None = None,
+    workspace: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """gates [T,K] fp32, indices [T,K] int32: exact product-key top-K (ops.product_key_topk_reference).
+
+    With gates_out, indices_out and workspace given: no allocation, no host sync, launches on
+    the current stream only (TensorRT enqueue / CUDA-graph capture safe).
+    """
+    T, s = ops.check_topk_inputs(log_probs_x, log_probs_y, top_k, gate)
+    check_device(log_probs_x, log_probs_y)
+    dev = log_probs_x.device
+    K = int(top_k)
+    if gates_out is None:
+        gates_out = torch.empty((T, K), dtype=torch.float32, device=dev)
+    if indices_out is None:
+        indices_out = torch.empty((T, K), dtype=torch.int32, device=dev)
+    check_out(gates_out, (T, K), torch.float32, dev, "gates_out")
+    check_out(indices_out, (T, K), torch.int32, dev, "indices_out")
+    if T == 0:
+        return gates_out, indices_out
+    if log_probs_x.stride(1) != 1 or log_probs_y.stride(1) != 1:
+        raise ops.OmniMoEInputError("router log-probs must have unit stride along s")
+    if K > 4096:
+        raise ops.OmniMoEInputError(f"the Triton router supports top_k <= 4096, got {K}")
+    ka = min(K, s)
+    carver = Carver(workspace, topk_workspace_bytes(T, s, K), dev)
+    ws = carver.take(T * _WS_ROWS * ka, torch.int32)
+    block_k = max(16, next_pow2(K))
+    num_warps = 4 if max(block_k, next_pow2(s)) <= 256 else 8
+    _product_key_topk_kernel[(T,)](
+        log_probs_x, log_probs_y, gates_out, indices_out, ws.view(torch.float32), ws,
+        s, K, ka, log_probs_x.stride(0), log_probs_y.stride(0),
+        SOFTMAX=(gate == "softmax"),
+        BLOCK_S=max(16, next_pow2(s)),
+        BLOCK_A=max(16, next_pow2(ka)),
+        BLOCK_K=block_k,
+        CHUNK=min(block_k, 512),
+        STEPS_A=max(1, math.ceil(math.log2(ka + 1))),
+        STEPS_N=max(1, math.ceil(math.log2(s * s + 1))),
+        num_warps=num_warps,
+    )
+    return gates_out, indices_out
