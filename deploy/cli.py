@@ -18,6 +18,7 @@ SUBCOMMANDS = {
     "build": ("deploy.build", "build a TensorRT engine from an ONNX plugin graph (TensorRT or TensorRT-RTX)"),
     "run": ("deploy.run_cmd", "run a checkpoint, ONNX model or engine on a .npy/.npz input"),
     "parity": ("deploy.parity", "routing-aware parity between PyTorch, ONNX Runtime and TensorRT runs (polygraphy)"),
+    "bench": ("deploy.bench", "latency of every runner available on this machine"),
     "demo": ("deploy.demo", "train or load the tiny model and run the deployment pipeline end to end"),
 }
 

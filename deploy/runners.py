@@ -72,9 +72,10 @@ def capture_routing(model):
 class TorchRunner(BaseRunner):
     """The PyTorch reference (or Triton backend) as a polygraphy runner."""
 
-    def __init__(self, model, name: str = "torch"):
+    def __init__(self, model, name: str = "torch", report_routing: bool = True):
         super().__init__(name=name, prefix="torch-runner")
         self.model = model.eval()
+        self.report_routing = report_routing
         self.input_name, self.output_name = model_io(model)
 
     def activate_impl(self):
@@ -97,11 +98,17 @@ class TorchRunner(BaseRunner):
         x = torch.from_numpy(np.ascontiguousarray(feed_dict[self.input_name]))
         if x.is_floating_point():
             x = x.to(self.model.up_embed.weight.dtype if isinstance(self.model, OmniMoELayer) else x.dtype)
+        x = x.to(self.model_device)
         start = time.perf_counter()
-        with torch.no_grad(), capture_routing(self.model) as routing:
-            y = self.model(x)
+        capture = capture_routing(self.model) if self.report_routing else contextlib.nullcontext({})
+        with torch.no_grad(), capture as routing:
+            y = to_numpy(self.model(x))  # the copy to host also waits for the GPU
         self.inference_time = time.perf_counter() - start
-        return OrderedDict([(self.output_name, to_numpy(y)), *routing.items()])
+        return OrderedDict([(self.output_name, y), *routing.items()])
+
+    @property
+    def model_device(self) -> torch.device:
+        return next(self.model.parameters()).device
 
 
 def is_plugin_graph(onnx_model) -> bool:
@@ -265,7 +272,7 @@ def open_target(target: Path, onnx_paths=()) -> Target:
     return setup
 
 
-def build_runners(setup: Target, requested, *, engine=None, stack: contextlib.ExitStack, log=print) -> list:
+def build_runners(setup: Target, requested, *, engine=None, stack: contextlib.ExitStack, log=print, report_routing=True) -> list:
     """Runner objects in order (the first is the reference).
 
     Default: for a checkpoint, torch plus the given ONNX files, or torch + both exported graphs
@@ -295,7 +302,7 @@ def build_runners(setup: Target, requested, *, engine=None, stack: contextlib.Ex
                 model = copy.deepcopy(setup.model).cuda()
                 for layer in omnimoe_layers(model):
                     layer.backend = "triton"
-            runners.append(TorchRunner(model, name=name))
+            runners.append(TorchRunner(model, name=name, report_routing=report_routing))
         elif name.startswith(("onnxrt", "onnxrt-plugin")):
             path = setup.onnx_files.get(name)
             if path is None:
@@ -310,7 +317,7 @@ def build_runners(setup: Target, requested, *, engine=None, stack: contextlib.Ex
                 log(f"exporting the {ops_kind}-op graph for {name} ...")
                 export_onnx(setup.model, path, example_inputs=inputs, ops=ops_kind, input_names=in_names,
                             output_names=out_names, dynamic_shapes=dynamic, progress=False)
-            if name.startswith("onnxrt-plugin"):
+            if name.startswith("onnxrt-plugin") and report_routing:
                 path = stack.enter_context(with_routing_outputs(path))
             runners.append(onnxrt_runner(path, name))
         elif name == "trt":

@@ -192,3 +192,13 @@ def test_run_corrupt_checkpoint(layer_ckpt, tmp_path, capsys):
         assert code == 2 and err.count("\n") == 1 and "safetensors" in err
     code, _, err = run_cli(["parity", tmp_path / "ck"], capsys)
     assert code == 2
+
+
+def test_bench_times_every_cpu_runner(layer_ckpt, tmp_path, capsys):
+    code, out, err = run_cli(["bench", layer_ckpt, "--tokens", 8, "--iters", 3, "--warmup", 1, "--json", tmp_path / "b.json"], capsys)
+    assert code == 0, err
+    doc = json.loads((tmp_path / "b.json").read_text())
+    assert [r["runner"] for r in doc["results"]] == ["torch", "onnxrt", "onnxrt-plugin"]
+    assert all(r["median_ms"] > 0 and r["tokens_per_s"] > 0 for r in doc["results"])
+    code, _, err = run_cli(["bench", layer_ckpt, "--runners", "trt"], capsys)
+    assert code == 2 and err.count("\n") == 1
