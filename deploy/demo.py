@@ -83,6 +83,6 @@ def run(args: argparse.Namespace) -> int:
     console.rule("[bold]summary")
     console.print("parity: " + ("[green]PASS" if parity_code == 0 else "[red]FAIL"))
     for name, path in artifacts.items():
-        console.print(f"{name:>12}: {path}")
+        console.print(f"{name:>14}: {path}")
     console.print(f"done in {time.perf_counter() - started:.1f} s")
     return parity_code
