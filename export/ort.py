@@ -5,15 +5,18 @@ nothing special and runs on any execution provider. For a plugin graph (nodes in
 `omnimoe`) the two SPEC §3 ops are registered as onnxruntime-extensions Python custom ops that
 call the reference implementations in `omnimoe.ops`; they run on the CPU.
 
-fp16 / bf16 plugin graphs: onnxruntime-extensions Python ops are registered with one fixed type
-signature per op type, and numpy has no bfloat16, so the ops are registered for float32 only
-(the signature SPEC §3 fixes for `OmniProductKeyTopK`, whose inputs are the fp32 router
-log-probs anyway). When a graph's `OmniExpertGroupedMatMul` takes fp16/bf16 tensors, the session
-is built from an in-memory copy of the graph in which that node's `x`, `up` and `down` pass
-through `Cast(to=float)` and its output through `Cast(to=<original dtype>)`. This computes
-exactly what the op contract says (fp16/bf16 operands, fp32 accumulation, result in x's dtype),
-at the cost of ONNX Runtime holding float32 copies of the expert tables; the file on disk is
-not changed. External data still loads from the model's own directory.
+fp16 / bf16 plugin graphs: the onnxruntime-extensions Python custom-op API handles float32 only
+(declaring a float16 input aborts the process with "Type float16 not supported by python
+customops api", and numpy has no bfloat16), so both ops are registered for float32, which is
+also what SPEC §3 fixes for `OmniProductKeyTopK` (fp32 router log-probs). When a graph's
+`OmniExpertGroupedMatMul` takes fp16/bf16 tensors, the session is built from an in-memory
+rewrite of the graph: the K rows per token that the node reads are gathered from the tables in
+their own dtype and cast to float32, `x` is cast to float32, the op runs on that compact
+[T*K, d] table with indices arange(T*K), and its output is cast back to x's dtype. That is
+exactly the op contract (fp16/bf16 operands, fp32 accumulation, result in x's dtype), with
+memory proportional to T*K*d rather than a float32 copy of the tables. The file on disk is not
+changed; external data still loads from the model's own directory. (bf16 graphs additionally
+need an execution provider with bf16 Gemm/MatMul kernels; ONNX Runtime's CPU provider has none.)
 """
 from __future__ import annotations
 
@@ -76,38 +79,68 @@ def _is_plugin_graph(model) -> bool:
     return any(n.domain == schemas.DOMAIN for n in model.graph.node)
 
 
-def _cast_plugin_operands_to_float(model) -> bool:
-    """Wrap each non-fp32 OmniExpertGroupedMatMul in Casts (in place); True if anything changed."""
+def _float32_expert_operands(model) -> bool:
+    """Rewrite each non-fp32 OmniExpertGroupedMatMul for the float32-only Python op (in place).
+
+    Instead of casting whole [N, d] tables (for the N = 2^20 fp16 case that is 8 GiB per run),
+    the rows the node reads are gathered in the tables' own dtype, cast to float32, and handed
+    to the op as a compact table [T*K, d] with indices arange(T*K).reshape(T, K): the op then
+    computes exactly what it would on the full tables. Returns True if anything changed.
+    """
     from onnx import TensorProto, helper
 
-    value_types = {}
-    for vi in list(model.graph.input) + list(model.graph.value_info) + list(model.graph.output):
-        value_types[vi.name] = vi.type.tensor_type.elem_type
-    for init in model.graph.initializer:
-        value_types[init.name] = init.data_type
-    changed = False
+    types = {vi.name: vi.type.tensor_type.elem_type for vi in list(model.graph.input) + list(model.graph.value_info)}
+    types.update({init.name: init.data_type for init in model.graph.initializer})
     new_nodes = []
+    changed = 0
     for node in model.graph.node:
-        if node.domain == schemas.DOMAIN and node.op_type == schemas.EXPERT_GROUPED_MATMUL.op_type:
-            x_type = value_types.get(node.input[0], TensorProto.FLOAT)
-            if x_type != TensorProto.FLOAT:
-                changed = True
-                for pos in range(3):  # x, up, down share the type T
-                    cast_name = f"{node.input[pos]}__as_float"
-                    new_nodes.append(helper.make_node("Cast", [node.input[pos]], [cast_name], to=TensorProto.FLOAT))
-                    node.input[pos] = cast_name
-                y_name = node.output[0]
-                node.output[0] = f"{y_name}__float"
-                new_nodes.append(node)
-                new_nodes.append(helper.make_node("Cast", [node.output[0]], [y_name], to=x_type))
-                continue
-        new_nodes.append(node)
+        is_experts = node.domain == schemas.DOMAIN and node.op_type == schemas.EXPERT_GROUPED_MATMUL.op_type
+        table_type = types.get(node.input[1], TensorProto.FLOAT) if is_experts else TensorProto.FLOAT
+        if table_type == TensorProto.FLOAT:
+            new_nodes.append(node)
+            continue
+        p = f"omnimoe_ort{changed}_"
+        changed += 1
+        x, up, down, gates, indices = node.input
+        add = new_nodes.append
+
+        def const(name, values):
+            add(helper.make_node("Constant", [], [p + name], value=helper.make_tensor(p + name, TensorProto.INT64, [len(values)], values)))
+            return p + name
+
+        # compact indices: arange(T*K).reshape(T, K) as int32
+        add(helper.make_node("Shape", [indices], [p + "idx_shape"]))
+        add(helper.make_node("ReduceProd", [p + "idx_shape"], [p + "count1"], keepdims=1))
+        add(helper.make_node("Squeeze", [p + "count1"], [p + "count"]))
+        add(helper.make_node("Constant", [], [p + "zero"], value=helper.make_tensor(p + "zero", TensorProto.INT64, [], [0])))
+        add(helper.make_node("Constant", [], [p + "one"], value=helper.make_tensor(p + "one", TensorProto.INT64, [], [1])))
+        add(helper.make_node("Range", [p + "zero", p + "count", p + "one"], [p + "arange"]))
+        add(helper.make_node("Reshape", [p + "arange", p + "idx_shape"], [p + "arange_tk"]))
+        add(helper.make_node("Cast", [p + "arange_tk"], [p + "compact_idx"], to=TensorProto.INT32))
+        # gathered rows [T*K, d] in float32
+        minus_one = const("minus_one", [-1])
+        add(helper.make_node("Shape", [up], [p + "table_d"], start=1, end=2))
+        add(helper.make_node("Concat", [minus_one, p + "table_d"], [p + "rows_shape"], axis=0))
+        compact = []
+        for table in (up, down):
+            rows = f"{p}{len(compact)}_rows"
+            add(helper.make_node("Gather", [table, indices], [rows + "_tkd"], axis=0))
+            add(helper.make_node("Reshape", [rows + "_tkd", p + "rows_shape"], [rows + "_flat"]))
+            add(helper.make_node("Cast", [rows + "_flat"], [rows], to=TensorProto.FLOAT))
+            compact.append(rows)
+        add(helper.make_node("Cast", [x], [p + "x"], to=TensorProto.FLOAT))
+        y = node.output[0]
+        del node.input[:]
+        node.input.extend([p + "x", compact[0], compact[1], gates, p + "compact_idx"])
+        node.output[0] = p + "y"
+        add(node)
+        add(helper.make_node("Cast", [p + "y"], [y], to=table_type))
     if changed:
         del model.graph.node[:]
         model.graph.node.extend(new_nodes)
-        # The stored intermediate types no longer hold for the rewired values; let ORT infer them.
+        # Stored intermediate types no longer hold for the rewired values; ORT infers them.
         del model.graph.value_info[:]
-    return changed
+    return bool(changed)
 
 
 def ort_session(path: str | os.PathLike, providers: list | None = None, session_options=None):
@@ -133,7 +166,7 @@ def ort_session(path: str | os.PathLike, providers: list | None = None, session_
 
     _register_custom_ops()
     options.register_custom_ops_library(get_library_path())
-    if not _cast_plugin_operands_to_float(model):
+    if not _float32_expert_operands(model):
         return ort.InferenceSession(str(path), sess_options=options, providers=providers)
     # Session from the rewritten bytes; external data resolves relative to the original file.
     options.add_session_config_entry(
