@@ -49,8 +49,8 @@ class Carver:
                 raise OmniMoEInputError(f"workspace is on {workspace.device}, inputs on {device}")
             if workspace.numel() < need_bytes:
                 raise OmniMoEInputError(f"workspace has {workspace.numel()} bytes, needs {need_bytes}")
-            if workspace.data_ptr() % ALIGN:
-                raise OmniMoEInputError(f"workspace must be {ALIGN}-byte aligned")
+            if workspace.data_ptr() % 16:
+                raise OmniMoEInputError("workspace must be 16-byte aligned")
         self.buf = workspace
         self.pos = 0
 
