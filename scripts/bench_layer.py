@@ -263,6 +263,12 @@ def main() -> int:
         r["wall_s"] = time.time() - t0
         print(json.dumps(r), flush=True)
         results.append(r)
+        _write(out, results, args)  # after every config, so a killed run keeps what it measured
+    print(table(results))
+    return 0
+
+
+def _write(out: Path, results: list[dict], args) -> None:
     import torch
     import triton
 
@@ -281,8 +287,6 @@ def main() -> int:
         plot(results, out / "h200.png")
     except ImportError as e:
         print(f"no plot: {e}", file=sys.stderr)
-    print(md)
-    return 0
 
 
 if __name__ == "__main__":
