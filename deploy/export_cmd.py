@@ -82,6 +82,7 @@ def run(args: argparse.Namespace) -> int:
     written = f"{result.path}" + (f" + {result.data_path.name}" if result.data_path else "")
     console.print(
         f"wrote {written} (opset {result.opset}, {result.initializer_bytes / 2**20:.1f} MiB of weights; "
-        f"trace {result.trace_seconds:.1f} s, write {result.write_seconds:.1f} s, check {result.check_seconds:.1f} s)"
+        f"trace {result.trace_seconds:.1f} s, write {result.write_seconds:.1f} s, check {result.check_seconds:.1f} s)",
+        soft_wrap=True,
     )
     return 0

@@ -138,13 +138,31 @@ def _to_export_dims(dynamic_shapes):
     return convert(dynamic_shapes)
 
 
+@contextlib.contextmanager
+def _quiet_exporter():
+    """Silence the exporter's notices that say nothing about this model (missing torchvision
+    ops, a pytree deprecation inside torch); real errors still raise."""
+    import logging
+    import warnings
+
+    registration_log = logging.getLogger("torch.onnx._internal.exporter._registration")
+    level = registration_log.level
+    registration_log.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=r".*LeafSpec.*", category=FutureWarning)
+            yield
+    finally:
+        registration_log.setLevel(level)
+
+
 def _trace(model, example_inputs, ops, opset, input_names, output_names, dynamic_shapes):
     from . import translations
 
     kwargs = {}
     if opset is not None:
         kwargs["opset_version"] = int(opset)
-    with torch.no_grad():
+    with torch.no_grad(), _quiet_exporter():
         return torch.onnx.export(
             model,
             tuple(example_inputs),
@@ -260,7 +278,8 @@ def check_onnx_file(path: str | os.PathLike) -> None:
 
     schemas.register_onnx_schemas()
     path = Path(path)
-    onnx.checker.check_model(str(path), full_check=True)
+    # check_custom_domain: the omnimoe nodes are checked against the registered schemas too.
+    onnx.checker.check_model(str(path), full_check=True, check_custom_domain=True)
     with tempfile.TemporaryDirectory(dir=path.parent) as tmp:
         onnx.shape_inference.infer_shapes_path(
             str(path), str(Path(tmp) / "inferred.onnx"), check_type=True, strict_mode=True, data_prop=True
