@@ -491,3 +491,31 @@ def test_rtx_library_fix_via_cache_dir_for_read_only_installs(tmp_path):
     assert proc.stdout.startswith("ok cache:" + str(tmp_path / "cache"))
     farm = Path(proc.stdout.split("cache:", 1)[1].strip())
     assert (farm / "libtensorrt_rtx.so").is_symlink()
+
+
+def test_default_namespace_aliases_build_the_same_engine(tmp_path):
+    """The "" namespace aliases that register() adds for full TensorRT (older ONNX parsers look a
+    custom node up by its plugin_namespace attribute, default "", only). Exercised on
+    TensorRT-RTX in a fresh process: the parser, which tries "" first, then uses the aliases."""
+    graph = make_plugin_graph(tmp_path / "m.onnx", gate="softmax")
+    script = textwrap.dedent(
+        f"""
+        import trt_plugins
+        from deploy.build import build_engine
+        trt = trt_plugins.register(backend="tensorrt-rtx")
+        trt_plugins.register_default_namespace_aliases(trt)
+        trt_plugins.register_default_namespace_aliases(trt)  # idempotent
+        names = [(c.name, c.plugin_namespace) for c in trt.get_plugin_registry().all_creators
+                 if c.name.startswith("Omni")]
+        assert sorted(names) == sorted([(op, ns) for op in ("OmniProductKeyTopK", "OmniExpertGroupedMatMul")
+                                        for ns in ("omnimoe", "")]), names
+        result = build_engine({str(graph)!r}, backend="tensorrt-rtx", tokens="1:4:16")
+        layers = [(p, a) for _, p, a in result.plugin_layers]
+        assert layers == [("OmniProductKeyTopK", {{"top_k": 3, "gate": "softmax"}}),
+                          ("OmniExpertGroupedMatMul", {{"activation": "gelu_tanh"}})], layers
+        assert b"omnimoe" in result.engine
+        print("ok")
+        """
+    )
+    proc = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True)
+    assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr[-2000:]

@@ -7,7 +7,8 @@
                                           # nodes become plugin layers, no graph rewriting
 
 Each plugin is registered under name = op_type, version "1", namespace "omnimoe" (the node
-domain, which the ONNX parser uses as the plugin namespace). `register()` is idempotent: calling
+domain, which the ONNX parser uses as the plugin namespace); with full TensorRT also under the
+default namespace "" for older parsers that do not consult the node domain. `register()` is idempotent: calling
 it again (or for an engine deserialized later in the same process) registers nothing twice.
 
 The kernels behind `enqueue` are `omnimoe.kernels` (Triton), the same ones `backend="triton"`
@@ -34,6 +35,8 @@ __all__ = [
 # TensorRT module name -> {op_type: creator instance}. Creators are kept alive here: the
 # registry holds a raw pointer to each Python creator.
 _REGISTERED: dict[str, dict] = {}
+# The same for the default-namespace aliases registered for full TensorRT (see register()).
+_ALIASES: dict[str, dict] = {}
 
 
 def _plugin_modules():
@@ -47,16 +50,39 @@ def creators(trt) -> dict:
     return dict(_REGISTERED.get(trt.__name__, {}))
 
 
-def _find_creator(trt, op_type: str):
+def _find_creator(trt, op_type: str, namespace: str = PLUGIN_NAMESPACE):
     # all_creators rather than get_creator: the latter logs an error for a missing creator.
     for creator in trt.get_plugin_registry().all_creators:
         if (
             getattr(creator, "name", None) == op_type
             and getattr(creator, "plugin_version", None) == PLUGIN_VERSION
-            and getattr(creator, "plugin_namespace", None) == PLUGIN_NAMESPACE
+            and getattr(creator, "plugin_namespace", None) == namespace
         ):
             return creator
     return None
+
+
+def register_default_namespace_aliases(trt) -> None:
+    """Also register each creator under the default namespace "" (idempotent).
+
+    ONNX parsers look a custom node up by its `plugin_namespace` attribute (default "") and,
+    in recent versions (seen in TensorRT-RTX 1.7's parser and in onnx-tensorrt's fallback
+    importer), then by the node's domain. Which older releases lack the second lookup was not
+    checked (JetPack 6's TensorRT 10.3 may), so `register()` adds these aliases for full TensorRT. The plugins they create are the
+    same classes and still report namespace "omnimoe", under which engines find them at runtime.
+    """
+    aliases = _ALIASES.setdefault(trt.__name__, {})
+    registry = trt.get_plugin_registry()
+    for module in _plugin_modules():
+        op_type = module.OP.op_type
+        if op_type in aliases or _find_creator(trt, op_type, "") is not None:
+            continue
+        _, creator_cls = module.plugin_classes(trt)
+        creator = creator_cls()
+        creator.plugin_namespace = ""
+        if not registry.register_creator(creator, ""):
+            raise RuntimeError(f"TensorRT refused to register the {op_type} plugin creator under namespace ''")
+        aliases[op_type] = creator
 
 
 def is_registered(trt, op_type: str) -> bool:
@@ -93,4 +119,6 @@ def register(trt=None, *, backend: str = "auto"):
         if not registry.register_creator(creator, PLUGIN_NAMESPACE):
             raise RuntimeError(f"TensorRT refused to register the {op_type} plugin creator")
         done[op_type] = creator
+    if backend_of(trt) == "tensorrt":
+        register_default_namespace_aliases(trt)
     return trt
