@@ -370,12 +370,20 @@ def build_engine(
         from rich.console import Console
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+        console = Console(stderr=True)
+        span = ", ".join(f"{n} {lo}..{hi}" for n, (lo, _, hi) in shapes.items()) or "static shapes"
+        console.print(
+            f"building {model_path} with {trt_plugins.backend_of(trt)} {trt.__version__} "
+            f"({engine_precision}; {span}) ...",
+            highlight=False,
+            soft_wrap=True,
+        )
         with Progress(
             TextColumn("{task.description}"),
             BarColumn(),
             MofNCompleteColumn(),
             TimeElapsedColumn(),
-            console=Console(stderr=True),
+            console=console,
             transient=True,
         ) as bars:
             config.progress_monitor = _make_progress_monitor(trt, bars)
