@@ -229,7 +229,17 @@ def parse_network(
     trt = trt_plugins.register(trt, backend=backend)
     check_plugins_available(trt, model)
     logger = _make_logger(trt)
-    builder = trt.Builder(logger)
+    try:
+        builder = trt.Builder(logger)
+    except Exception as e:  # noqa: BLE001 - e.g. full TensorRT without a usable GPU
+        builder, reason = None, _one_line(str(e))
+    else:
+        reason = _one_line(logger.errors[-1]) if logger.errors else "no error message"
+    if builder is None:
+        from trt_plugins._trt import backend_of
+
+        hint = "; TensorRT-RTX builds without a GPU: --backend tensorrt-rtx" if backend_of(trt) == "tensorrt" else ""
+        raise OmniMoEInputError(f"TensorRT could not create a builder ({reason}){hint}")
     flags = 0
     if strongly_typed and hasattr(trt.NetworkDefinitionCreationFlag, "STRONGLY_TYPED"):
         flags |= 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED)

@@ -519,3 +519,68 @@ def test_default_namespace_aliases_build_the_same_engine(tmp_path):
     )
     proc = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True)
     assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr[-2000:]
+
+
+class _FakeTrt:
+    """Just enough of a TensorRT module for the precision planning (name, version, flags)."""
+
+    class BuilderFlag:
+        FP16 = "FP16"
+        BF16 = "BF16"
+
+    def __init__(self, name: str, version: str):
+        self.__name__ = name
+        self.__version__ = version
+
+
+@pytest.mark.parametrize(
+    "name,version,model,requested,expected",
+    [
+        # strongly typed backends: precision must match the ONNX types
+        ("tensorrt_rtx", "1.7.1", "bf16", None, ("bf16", True)),
+        ("tensorrt_rtx", "1.7.1", "fp16", "fp16", ("fp16", True)),
+        ("tensorrt_rtx", "1.7.1", "fp32", "fp16", "unsupported precision"),
+        ("tensorrt", "11.0.0", "fp32", "bf16", "unsupported precision"),
+        # TensorRT 10.x: an fp32 model can be lowered with builder flags (weakly typed network)
+        ("tensorrt", "10.3.0", "fp32", "fp16", ("fp16", False)),
+        ("tensorrt", "10.13.0", "fp32", "bf16", ("bf16", False)),
+        ("tensorrt", "10.13.0", "bf16", "bf16", ("bf16", True)),
+        ("tensorrt", "10.13.0", "bf16", "fp16", "cannot lower"),
+        ("tensorrt", "10.13.0", "fp16", "fp32", "cannot lower"),
+    ],
+)
+def test_precision_plan_per_backend(name, version, model, requested, expected):
+    fake = _FakeTrt(name, version)
+    if isinstance(expected, tuple):
+        assert build_mod._precision_plan(fake, model, requested) == expected
+    else:
+        with pytest.raises(OmniMoEInputError, match=expected):
+            build_mod._precision_plan(fake, model, requested)
+
+
+def test_onnx_precision_from_metadata_or_tensor_types(tmp_path):
+    for dtype, expected in ((TensorProto.FLOAT, "fp32"), (TensorProto.FLOAT16, "fp16"), (TensorProto.BFLOAT16, "bf16")):
+        model = onnx.load(str(make_plugin_graph(tmp_path / "m.onnx", dtype=dtype)))
+        assert build_mod.onnx_precision(model) == expected
+    helper.set_model_props(model, {"omnimoe.dtype": "fp16"})  # what omnimoe export records wins
+    assert build_mod.onnx_precision(model) == "fp16"
+
+
+@pytest.mark.parametrize(
+    "found,gpu,expected",
+    [
+        (["tensorrt", "tensorrt-rtx"], True, "tensorrt"),
+        (["tensorrt", "tensorrt-rtx"], False, "tensorrt-rtx"),
+        (["tensorrt"], False, "tensorrt"),
+        (["tensorrt-rtx"], True, "tensorrt-rtx"),
+    ],
+)
+def test_auto_backend_choice(monkeypatch, found, gpu, expected):
+    from trt_plugins import _trt
+
+    monkeypatch.setattr(_trt, "available_backends", lambda: list(found))
+    monkeypatch.setattr(_trt, "_cuda_visible", lambda: gpu)
+    assert _trt.resolve_backend("auto") == expected
+    monkeypatch.setattr(_trt, "available_backends", lambda: [])
+    with pytest.raises(OmniMoEInputError, match="no TensorRT Python module"):
+        _trt.resolve_backend("auto")

@@ -148,7 +148,18 @@ def available_backends() -> list[str]:
     return found
 
 
+def _cuda_visible() -> bool:
+    try:
+        import torch
+
+        return torch.cuda.is_available()
+    except Exception:  # noqa: BLE001 - no usable torch/CUDA: treat as no GPU
+        return False
+
+
 def resolve_backend(backend: str = "auto") -> str:
+    """auto -> `tensorrt` when importable, else `tensorrt-rtx`; but with both installed and no
+    GPU visible, `tensorrt-rtx` (full TensorRT cannot even create a builder without a GPU)."""
     if backend not in BACKENDS:
         raise OmniMoEInputError(f"backend must be one of {BACKENDS}, got {backend!r}")
     found = available_backends()
@@ -157,6 +168,8 @@ def resolve_backend(backend: str = "auto") -> str:
             raise OmniMoEInputError(
                 "no TensorRT Python module found: pip install 'omnimoe[tensorrt]' or 'omnimoe[tensorrt-rtx]'"
             )
+        if len(found) > 1 and not _cuda_visible():
+            return "tensorrt-rtx"
         return found[0]
     if backend not in found:
         extra = "tensorrt" if backend == "tensorrt" else "tensorrt-rtx"
