@@ -49,22 +49,18 @@ def example_inputs_for(model):
 
 
 def run(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
     from rich.console import Console
 
-    from export.onnx_export import check_opset, export_onnx
+    from export.onnx_export import check_external_data_choice, check_opset, export_onnx, prepare_output
     from omnimoe.checkpoint import load_checkpoint
-    from omnimoe.errors import OmniMoEInputError
 
     console = Console(stderr=True)
-    output = Path(args.output)
-    if output.suffix != ".onnx":
-        raise OmniMoEInputError(f"{output}: the output file must end in .onnx")
     check_opset(args.opset)
     model = load_checkpoint(args.checkpoint)
     inputs, input_names, output_names, dynamic = example_inputs_for(model)
     external = {"auto": None, "always": True, "never": False}[args.external_data]
+    check_external_data_choice(model, args.dtype, external)
+    output = prepare_output(args.output)
     console.print(f"exporting {args.checkpoint} ({type(model).__name__}) with {args.ops} ops, {args.dtype} ...")
     result = export_onnx(
         model,

@@ -81,6 +81,46 @@ def dtype_name(dtype: str | torch.dtype | None) -> str | None:
     return dtype
 
 
+def prepare_output(path: str | os.PathLike) -> Path:
+    """Validate the output path and create its directory, before any slow work is done."""
+    path = Path(path)
+    if path.suffix != ".onnx":
+        raise OmniMoEInputError(f"{path}: the output file must end in .onnx")
+    if path.is_dir():
+        raise OmniMoEInputError(f"{path}: is a directory")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise OmniMoEInputError(f"{path.parent}: cannot create the output directory ({e.strerror or e})") from None
+    if not path.parent.is_dir() or not os.access(path.parent, os.W_OK):
+        raise OmniMoEInputError(f"{path.parent}: not a writable directory")
+    return path
+
+
+def estimated_weight_bytes(model: nn.Module, dtype: str | torch.dtype | None = None) -> int:
+    """Bytes of the model's parameters and buffers once cast to `dtype` (shared tensors once)."""
+    target = DTYPES[dtype_name(dtype)] if dtype is not None else None
+    seen, total = set(), 0
+    for module in model.modules():
+        for tensor in list(module._parameters.values()) + list(module._buffers.values()):
+            if tensor is None or id(tensor) in seen:
+                continue
+            seen.add(id(tensor))
+            cast = target is not None and tensor.is_floating_point() and not _keeps_fp32(module)
+            total += tensor.numel() * (target.itemsize if cast else tensor.element_size())
+    return total
+
+
+def check_external_data_choice(model: nn.Module, dtype, external_data: bool | None) -> None:
+    """Refuse, before any slow work, to put more than protobuf's 2 GiB into one file."""
+    if external_data is False:
+        size = estimated_weight_bytes(model, dtype)
+        if size > _PROTOBUF_LIMIT_BYTES:
+            raise OmniMoEInputError(
+                f"{size / 2**30:.1f} GiB of weights do not fit in one protobuf file (2 GiB); use external data"
+            )
+
+
 def check_opset(opset: int | None) -> None:
     """The exporter and the translations emit opset-18+ op versions; 23 is the newest we test."""
     if opset is not None and (not isinstance(opset, int) or isinstance(opset, bool) or not 18 <= opset <= 23):
@@ -316,11 +356,8 @@ def export_onnx(
         raise OmniMoEInputError(f"ops must be one of {OPS_CHOICES}, got {ops!r}")
     name = dtype_name(dtype)
     check_opset(opset)
-    path = Path(path)
-    if path.suffix != ".onnx":
-        raise OmniMoEInputError(f"{path}: the output file must end in .onnx")
-    if path.exists() and path.is_dir():
-        raise OmniMoEInputError(f"{path}: is a directory")
+    check_external_data_choice(model, name, external_data)
+    path = prepare_output(path)
 
     was_training = model.training
     model.eval()
@@ -351,20 +388,23 @@ def export_onnx(
             data_path = path.with_name(path.name + ".data") if use_external else None
             finals = [path] + ([data_path] if data_path else [])
             t1 = time.perf_counter()
-            with atomic_files(finals) as tmp_paths:
-                tmp_model = tmp_paths[0]
-                tmp_data = tmp_paths[1] if data_path else None
-                _save(ir_model, tmp_model, tmp_data, progress)
-                write_seconds = time.perf_counter() - t1
-                t2 = time.perf_counter()
-                if check:
-                    check_onnx_file(tmp_model)
-                check_seconds = time.perf_counter() - t2
-                if data_path is None:
-                    # A stale data file from an earlier external-data export would mislead.
-                    stale = path.with_name(path.name + ".data")
-                    if stale.exists():
-                        stale.unlink()
+            try:
+                with atomic_files(finals) as tmp_paths:
+                    tmp_model = tmp_paths[0]
+                    tmp_data = tmp_paths[1] if data_path else None
+                    _save(ir_model, tmp_model, tmp_data, progress)
+                    write_seconds = time.perf_counter() - t1
+                    t2 = time.perf_counter()
+                    if check:
+                        check_onnx_file(tmp_model)
+                    check_seconds = time.perf_counter() - t2
+                    if data_path is None:
+                        # A stale data file from an earlier external-data export would mislead.
+                        stale = path.with_name(path.name + ".data")
+                        if stale.exists():
+                            stale.unlink()
+            except OSError as e:  # unwritable directory, disk full: the user's to fix
+                raise OmniMoEInputError(f"{path}: cannot write ({e.strerror or e})") from None
             del program, ir_model
     finally:
         model.train(was_training)

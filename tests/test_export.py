@@ -444,3 +444,24 @@ def test_cli_rejects_output_without_onnx_suffix(layer_checkpoint, tmp_path, caps
     assert cli_main(["export", str(layer_checkpoint), "-o", str(tmp_path / "model.bin")]) == 2
     assert len(capsys.readouterr().err.strip().splitlines()) == 1
     assert list(tmp_path.iterdir()) == []
+
+
+def test_cli_unwritable_output_exits_2_with_one_line(layer_checkpoint, tmp_path, capsys):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a directory")
+    rc = cli_main(["export", str(layer_checkpoint), "-o", str(blocker / "m.onnx")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2
+    assert len(err) == 1 and "cannot create the output directory" in err[0]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a_file"]
+
+
+def test_more_than_2gib_without_external_data_is_refused_before_tracing():
+    from omnimoe.errors import OmniMoEInputError
+
+    with torch.device("meta"):  # shapes only: 2 x 2^20 x 1024 fp32 tables, nothing allocated
+        big = OmniMoELayer(OmniMoEConfig(hidden_size=1024, num_experts=1 << 20, top_k=16))
+    assert onnx_export.estimated_weight_bytes(big, "fp16") > 4 * 2**30
+    with pytest.raises(OmniMoEInputError, match="external data"):
+        onnx_export.check_external_data_choice(big, "fp16", external_data=False)
+    onnx_export.check_external_data_choice(big, "fp16", external_data=None)  # auto: allowed
