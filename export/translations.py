@@ -68,7 +68,8 @@ def product_key_topk_standard(log_probs_x, log_probs_y, top_k: int, gate: str):
     # Top-min(K, s) of each axis (descending; lower index first on ties).
     vx, ix = op.TopK(log_probs_x, k_axis_t, axis=-1, largest=1, sorted=1)
     vy, iy = op.TopK(log_probs_y, k_axis_t, axis=-1, largest=1, sorted=1)
-    flat = op.Constant(value_ints=[0, -1])
+    # [T, k, k] -> [T, k*k] with the width spelled out: a -1 cannot be inferred when T = 0.
+    flat = op.Constant(value_ints=[0, k_axis * k_axis])
     cand_scores = op.Reshape(op.Add(op.Unsqueeze(vx, [2]), op.Unsqueeze(vy, [1])), flat)
     cand_experts = op.Reshape(
         op.Add(op.Mul(op.Unsqueeze(ix, [2]), op.Constant(value_int=s)), op.Unsqueeze(iy, [1])), flat

@@ -202,3 +202,10 @@ def test_bench_times_every_cpu_runner(layer_ckpt, tmp_path, capsys):
     assert all(r["median_ms"] > 0 and r["tokens_per_s"] > 0 for r in doc["results"])
     code, _, err = run_cli(["bench", layer_ckpt, "--runners", "trt"], capsys)
     assert code == 2 and err.count("\n") == 1
+
+
+def test_parity_and_run_with_zero_tokens(layer_ckpt, tmp_path, capsys):
+    code, out, err = run_cli(["parity", layer_ckpt, "--tokens", 0, "--report", tmp_path / "r.json"], capsys)
+    assert code == 0, out + err
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert all(r["tokens"] == 0 and r["pass"] for r in report["runners"].values())
