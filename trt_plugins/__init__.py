@@ -8,8 +8,9 @@
 
 Each plugin is registered under name = op_type, version "1", namespace "omnimoe" (the node
 domain, which the ONNX parser uses as the plugin namespace); with full TensorRT also under the
-default namespace "" for older parsers that do not consult the node domain. `register()` is idempotent: calling
-it again (or for an engine deserialized later in the same process) registers nothing twice.
+default namespace "" for older parsers that do not consult the node domain. `register()` is
+idempotent: calling it again (or for an engine deserialized later in the same process)
+registers nothing twice.
 
 The kernels behind `enqueue` are `omnimoe.kernels` (Triton), the same ones `backend="triton"`
 uses in PyTorch. Engines that contain these plugins need the plugins registered (this package
@@ -29,6 +30,7 @@ __all__ = [
     "is_registered",
     "load",
     "register",
+    "register_default_namespace_aliases",
     "resolve_backend",
 ]
 
