@@ -105,6 +105,16 @@ def test_layer_parity_torch_vs_ort_standard_vs_ort_plugin(layer_export, tokens, 
     assert_parity(expected, run_sessions(sessions, "x", x.numpy()))
 
 
+@pytest.mark.parametrize("shape", [(0, 5, 32), (2, 0, 32)], ids=["batch0", "seq0"])
+def test_layer_zero_tokens(layer_export, shape):
+    layer, _, sessions = layer_export
+    x = torch.zeros(shape)
+    with torch.no_grad():
+        expected = layer(x).numpy()
+    assert expected.shape == shape
+    assert_parity(expected, run_sessions(sessions, "x", x.numpy()))
+
+
 def _value_types(path: Path) -> dict[str, int]:
     inferred = onnx.shape_inference.infer_shapes(onnx.load(str(path)), strict_mode=True)
     types = {v.name: v.type.tensor_type.elem_type for v in list(inferred.graph.value_info) + list(inferred.graph.output)}

@@ -11,6 +11,7 @@ so the fp16 comparison between PyTorch and ONNX Runtime is not at the mercy of n
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 import time
@@ -100,17 +101,26 @@ def big_checkpoint(tmp_path_factory):
     directory = tmp_path_factory.mktemp("big") / "ckpt"
     proc = _run(["make-checkpoint", str(directory)], timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    return directory
+    yield directory
+    shutil.rmtree(directory, ignore_errors=True)  # 4 GiB: do not leave it to pytest's tmp rotation
+
+
+@pytest.fixture
+def onnx_out(tmp_path):
+    """Where one export goes; its 4 GiB of external data is removed after the test."""
+    yield tmp_path
+    for f in tmp_path.glob("*.onnx*"):
+        f.unlink()
 
 
 @pytest.mark.parametrize("ops", ["plugin", "standard"])
-def test_export_two_2gib_fp16_tables(big_checkpoint, tmp_path, ops, capsys):
+def test_export_two_2gib_fp16_tables(big_checkpoint, onnx_out, ops, capsys):
     import onnx
 
     from export import schemas
     from export.onnx_export import check_onnx_file
 
-    out = tmp_path / f"big_{ops}.onnx"
+    out = onnx_out / f"big_{ops}.onnx"
     proc = _run(["export", "export", str(big_checkpoint), "-o", str(out), "--ops", ops, "--dtype", "fp16"], timeout=1800)
     assert proc.returncode == 0, proc.stderr[-3000:]
     measured = json.loads(next(line for line in proc.stdout.splitlines() if line.startswith("MEASURED "))[9:])
