@@ -1,6 +1,6 @@
 """Train TinyOmniLM on CPU (<= 60 s) and save a checkpoint that reloads bit-exactly.
 
-    python scripts/train_tiny.py -o artifacts/tiny_lm [--steps 300]
+    python scripts/train_tiny.py -o artifacts/tiny_lm [--steps 250]
 """
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ from omnimoe.train import train_tiny
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("-o", "--output", default="artifacts/tiny_lm", help="checkpoint directory")
-    parser.add_argument("--steps", type=int, default=300)
+    parser.add_argument("--steps", type=int, default=250)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     result = train_tiny(steps=args.steps, seed=args.seed)
