@@ -75,8 +75,11 @@ def _expert_inputs(T, d, N, K, gen, dtype=torch.float32, device="cpu", dups=Fals
 
 
 # ------------------------------------------------------------------ interpreter cases (CPU, fp32)
-def _router_case(T, s, K, gate, ties=False, prealloc=False, strided=False, seed=0):
-    from omnimoe.kernels import product_key_topk_triton, topk_workspace_bytes
+def _router_case(T, s, K, gate, ties=False, prealloc=False, strided=False, seed=0, path="small"):
+    from omnimoe.kernels import product_key_topk_triton, router, topk_workspace_bytes
+
+    # Both router kernels are exercised at tiny K: "large" disables the register-only path.
+    router.SMALL_K_MAX = 64 if path == "small" else 0
 
     gen = torch.Generator().manual_seed(seed)
     px, py = _rand_log_probs(T, s, gen, ties)
@@ -147,17 +150,21 @@ def _layer_case(gate, act):
     assert y.shape == x.shape and rel_err(y, yr) <= 1e-5, rel_err(y, yr)
 
 
+_ROUTER_CASES = {
+    "router_k_gt_s_product": lambda p: _router_case(5, 8, 16, "product", path=p),
+    "router_k_gt_s_softmax": lambda p: _router_case(5, 8, 16, "softmax", seed=1, path=p),
+    "router_k_lt_s": lambda p: _router_case(6, 8, 3, "product", seed=2, path=p),
+    "router_k_eq_n_softmax": lambda p: _router_case(3, 5, 25, "softmax", seed=3, path=p),
+    "router_k1": lambda p: _router_case(4, 6, 1, "product", seed=4, path=p),
+    "router_t0": lambda p: _router_case(0, 6, 4, "product", path=p),
+    "router_t1_k_gt_s": lambda p: _router_case(1, 16, 40, "softmax", seed=5, path=p),
+    "router_ties_product": lambda p: _router_case(4, 6, 7, "product", ties=True, seed=6, path=p),
+    "router_ties_softmax_k_gt_s": lambda p: _router_case(3, 4, 9, "softmax", ties=True, seed=7, path=p),
+    "router_prealloc_strided": lambda p: _router_case(3, 7, 10, "product", prealloc=True, strided=True, seed=8, path=p),
+}
+
 INTERP_CASES = {
-    "router_k_gt_s_product": lambda: _router_case(5, 8, 16, "product"),
-    "router_k_gt_s_softmax": lambda: _router_case(5, 8, 16, "softmax", seed=1),
-    "router_k_lt_s": lambda: _router_case(6, 8, 3, "product", seed=2),
-    "router_k_eq_n_softmax": lambda: _router_case(3, 5, 25, "softmax", seed=3),
-    "router_k1": lambda: _router_case(4, 6, 1, "product", seed=4),
-    "router_t0": lambda: _router_case(0, 6, 4, "product"),
-    "router_t1_k_gt_s": lambda: _router_case(1, 16, 40, "softmax", seed=5),
-    "router_ties_product": lambda: _router_case(4, 6, 7, "product", ties=True, seed=6),
-    "router_ties_softmax_k_gt_s": lambda: _router_case(3, 4, 9, "softmax", ties=True, seed=7),
-    "router_prealloc_strided": lambda: _router_case(3, 7, 10, "product", prealloc=True, strided=True, seed=8),
+    **{f"{name}_{p}": (lambda f=f, p=p: f(p)) for name, f in _ROUTER_CASES.items() for p in ("small", "large")},
     "bad_workspace_and_out": _bad_workspace_case,
     **{f"experts_{act}_{sch}": (lambda a=act, sc=sch: _expert_case(7, 24, 36, 5, a, sc, seed=9))
        for act in ACTS for sch in ("token", "expert")},
@@ -196,6 +203,7 @@ def test_schedule_choice():
 
     assert not use_expert_centric(4096, 16, 1 << 20)  # n1m: ~0.06 tokens per expert
     assert not use_expert_centric(64, 16, 4096)  # decode
+    assert not use_expert_centric(4096, 16, 4096)  # readme: token-centric measured faster
     assert use_expert_centric(4096, 512, 102400)  # paper configs: ~20 tokens per expert
 
 

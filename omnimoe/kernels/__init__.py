@@ -5,6 +5,7 @@ workspace of at least `*_workspace_bytes(...)` given, a launcher allocates nothi
 the host and launches only on torch.cuda.current_stream(). Under TRITON_INTERPRET=1 the same
 launchers run on CPU tensors.
 """
+from . import experts, router
 from .experts import expert_grouped_matmul_triton, expert_workspace_bytes, use_expert_centric
 from .router import product_key_topk_triton, topk_workspace_bytes
 

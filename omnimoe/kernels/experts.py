@@ -28,8 +28,9 @@ _EC_BD = 64
 # Scan block for the counting sort's exclusive scan over N+1 counters.
 _SCAN_BLOCK = 1024
 # Expected pairs per expert (T*K/N) from which the expert-centric schedule wins; below it, or for
-# few tokens, the token-centric one (measured on the H200, see benchmarks/README-table.md).
-EXPERT_CENTRIC_MIN_REUSE = 4.0
+# few tokens, the token-centric one. Measured on the H200 (experts_only in benchmarks/h200.json):
+# readme (16 per expert) token 0.09 ms vs expert 0.24 ms; paper_min (20) 3.27 vs 3.22 ms.
+EXPERT_CENTRIC_MIN_REUSE = 20.0
 EXPERT_CENTRIC_MIN_TOKENS = 65
 
 
@@ -67,9 +68,11 @@ def _token_centric_kernel(
         g = tl.load(g_ptr + t * K + k0 + kk, mask=km, other=0.0)
         rows = e.to(tl.int64) * D
         m2 = km[:, None] & dm[None, :]
-        u = tl.load(up_ptr + rows[:, None] + dd[None, :], mask=m2, other=0.0).to(tl.float32)
-        h = _act(tl.sum(u * xr[None, :], axis=1), ACT) * g
-        v = tl.load(down_ptr + rows[:, None] + dd[None, :], mask=m2, other=0.0).to(tl.float32)
+        # Both gathers are issued before any math so the two rows' latencies overlap.
+        u = tl.load(up_ptr + rows[:, None] + dd[None, :], mask=m2, other=0.0)
+        v = tl.load(down_ptr + rows[:, None] + dd[None, :], mask=m2, other=0.0)
+        h = _act(tl.sum(u.to(tl.float32) * xr[None, :], axis=1), ACT) * g
+        v = v.to(tl.float32)
         acc += tl.sum(h[:, None] * v, axis=0)
     tl.store(y_ptr + t * D + dd, acc.to(y_ptr.dtype.element_ty), mask=dm)
 

@@ -216,8 +216,70 @@ def _product_key_topk_kernel(
     tl.store(out_i + ko, e, mask=km)
 
 
+@triton.jit
+def _product_key_topk_small_kernel(
+    px_ptr, py_ptr, gates_ptr, idx_ptr,
+    s, K, KA, stride_px, stride_py,
+    SOFTMAX: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_A: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """Small K (<= 64): everything in registers, no workspace. K rounds of "take the max" on
+    packed unique int64 keys replace sorts (a sort of s = 1024 costs far more than 16 rounds)."""
+    t = tl.program_id(0).to(tl.int64)
+    offs = tl.arange(0, BLOCK_S)
+    lane_lo = (BLOCK_S - 1 - offs).to(tl.int64)  # larger for smaller index: ties -> smaller index
+    vx = tl.load(px_ptr + t * stride_px + offs, mask=offs < s, other=float("-inf"))
+    vy = tl.load(py_ptr + t * stride_py + offs, mask=offs < s, other=float("-inf"))
+    kx = (_f32_key(vx).to(tl.int64) << 32) | lane_lo
+    ky = (_f32_key(vy).to(tl.int64) << 32) | lane_lo
+    removed = -9223372036854775807 - 1
+    ra = tl.arange(0, BLOCK_A)
+    xs = tl.full([BLOCK_A], float("-inf"), tl.float32)
+    ys = tl.full([BLOCK_A], float("-inf"), tl.float32)
+    xi = tl.zeros([BLOCK_A], dtype=tl.int32)
+    yi = tl.zeros([BLOCK_A], dtype=tl.int32)
+    for r in range(KA):
+        mx = tl.max(kx, axis=0)
+        my = tl.max(ky, axis=0)
+        kx = tl.where(kx == mx, removed, kx)
+        ky = tl.where(ky == my, removed, ky)
+        xs = tl.where(ra == r, _key_f32((mx >> 32).to(tl.int32)), xs)
+        ys = tl.where(ra == r, _key_f32((my >> 32).to(tl.int32)), ys)
+        xi = tl.where(ra == r, (BLOCK_S - 1) - (mx & 0xFFFFFFFF).to(tl.int32), xi)
+        yi = tl.where(ra == r, (BLOCK_S - 1) - (my & 0xFFFFFFFF).to(tl.int32), yi)
+    # Candidate grid over ranks (a, b) with (a+1)(b+1) <= K; key = (score, -expert), unique.
+    valid = (ra[:, None] < KA) & (ra[None, :] < KA) & ((ra[:, None] + 1) * (ra[None, :] + 1) <= K)
+    score = xs[:, None] + ys[None, :]
+    expert = xi[:, None] * s + yi[None, :]
+    cand = (_f32_key(score).to(tl.int64) << 32) | (0x7FFFFFFF - expert).to(tl.int64)
+    cand = tl.where(valid, cand, removed)
+    rk = tl.arange(0, BLOCK_K)
+    out_s = tl.zeros([BLOCK_K], dtype=tl.float32)
+    out_e = tl.zeros([BLOCK_K], dtype=tl.int32)
+    for r in range(K):
+        m = tl.max(tl.max(cand, axis=1), axis=0)
+        cand = tl.where(cand == m, removed, cand)
+        out_s = tl.where(rk == r, _key_f32((m >> 32).to(tl.int32)), out_s)
+        out_e = tl.where(rk == r, 0x7FFFFFFF - (m & 0xFFFFFFFF).to(tl.int32), out_e)
+    km = rk < K
+    if SOFTMAX:
+        mmax = tl.max(tl.where(km, out_s, float("-inf")), axis=0)
+        p = tl.where(km, tl.exp(out_s - mmax), 0.0)
+        g = p / tl.sum(p, axis=0)
+    else:
+        g = tl.exp(out_s)
+    tl.store(gates_ptr + t * K + rk, g, mask=km)
+    tl.store(idx_ptr + t * K + rk, out_e, mask=km)
+
+
+# Largest K for the register-only path (its candidate grid is next_pow2(K)^2 int64 keys).
+SMALL_K_MAX = 64
+
+
 def topk_workspace_bytes(max_tokens: int, grid_side: int, top_k: int) -> int:
-    """Scratch for `product_key_topk_triton`: 7 int32 words per token per kept axis rank."""
+    """Scratch for `product_key_topk_triton`: none for K <= 64, else 7 int32 words per token per
+    kept axis rank."""
+    if int(top_k) <= SMALL_K_MAX:
+        return 0
     ka = min(int(top_k), int(grid_side))
     return int(max_tokens) * _WS_ROWS * ka * 4
 
@@ -254,6 +316,14 @@ def product_key_topk_triton(
     if K > 4096:
         raise ops.OmniMoEInputError(f"the Triton router supports top_k <= 4096, got {K}")
     ka = min(K, s)
+    if K <= SMALL_K_MAX:
+        _product_key_topk_small_kernel[(T,)](
+            log_probs_x, log_probs_y, gates_out, indices_out,
+            s, K, ka, log_probs_x.stride(0), log_probs_y.stride(0),
+            SOFTMAX=(gate == "softmax"), BLOCK_S=max(16, next_pow2(s)), BLOCK_A=max(16, next_pow2(ka)),
+            BLOCK_K=max(16, next_pow2(K)), num_warps=4 if ka <= 32 else 8,
+        )
+        return gates_out, indices_out
     carver = Carver(workspace, topk_workspace_bytes(T, s, K), dev)
     ws = carver.take(T * _WS_ROWS * ka, torch.int32)
     block_k = max(16, next_pow2(K))
