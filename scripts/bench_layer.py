@@ -94,6 +94,7 @@ def worker(name: str, iters: int) -> dict:
     from omnimoe.baselines import dense_mlp_forward, peer_forward
     from omnimoe.config import OmniMoEConfig
     from omnimoe.kernels import expert_grouped_matmul_triton, use_expert_centric
+    from omnimoe.kernels.experts import EXPERT_CENTRIC_SCHEDULE
     from omnimoe.layer import OmniMoELayer
 
     d, inter, n, k, t = CONFIGS[name]
@@ -106,7 +107,7 @@ def worker(name: str, iters: int) -> dict:
         layer.router_gate_x.weight.normal_(0, d**-0.5)
         layer.router_gate_y.weight.normal_(0, d**-0.5)
     x = torch.randn(t, d, device=dev, dtype=torch.bfloat16)
-    res = {"name": name, "d": d, "I": inter, "N": n, "K": k, "T": t, "schedule": "expert" if use_expert_centric(t, k, n) else "token"}
+    res = {"name": name, "d": d, "I": inter, "N": n, "K": k, "T": t, "schedule": EXPERT_CENTRIC_SCHEDULE if use_expert_centric(t, k, n) else "token"}
     with torch.inference_mode():
         t0 = time.perf_counter()
         y_tri = layer(x)
@@ -154,7 +155,7 @@ def worker(name: str, iters: int) -> dict:
         x32 = x[sub].float().contiguous()
         gs, is_ = g_tri[sub].contiguous(), i_tri[sub].contiguous()
         y32_ref = ops.expert_grouped_matmul_reference(x32, up32, down32, gs, is_, "silu")
-        for sched in ("token", "expert"):
+        for sched in ("token", "expert", "hybrid"):
             y32 = expert_grouped_matmul_triton(x32, up32, down32, gs, is_, "silu", schedule=sched)
             res[f"rel_err_fp32_{sched}"] = float((y32 - y32_ref).norm() / y32_ref.norm())
         del up32, down32
@@ -163,7 +164,7 @@ def worker(name: str, iters: int) -> dict:
         up, down = layer.up_embed.weight, layer.down_embed.weight
         res["experts_only"] = {
             sched: _time(lambda: expert_grouped_matmul_triton(x, up, down, g_tri, i_tri, "silu", schedule=sched), iters)
-            for sched in ("token", "expert")
+            for sched in ("token", "expert", "hybrid")
         }
         from omnimoe.kernels import product_key_topk_triton
 
@@ -197,7 +198,7 @@ def table(results: list[dict]) -> str:
         peer = r["peer"].get("median_ms") if isinstance(r.get("peer"), dict) else None
         tgt = TARGETS_MS.get(r["name"])
         met = "" if tgt is None else ("yes" if best <= tgt else "no")
-        fp32 = max(r.get("rel_err_fp32_token", float("nan")), r.get("rel_err_fp32_expert", float("nan")))
+        fp32 = max(r.get(f"rel_err_fp32_{k}", float("nan")) for k in ("token", "expert", "hybrid"))
         lines.append(
             f"| {r['name']} | {r['T']} | {r['N']} | {r['K']} | {_fmt(r, 'dense')} | {_fmt(r, 'peer')} | {_fmt(r, 'reference')} "
             f"| {_fmt(r, 'triton')} | {_fmt(r, 'triton_graph')} | {r['roofline_ms']:.3f} "

@@ -167,7 +167,10 @@ INTERP_CASES = {
     **{f"{name}_{p}": (lambda f=f, p=p: f(p)) for name, f in _ROUTER_CASES.items() for p in ("small", "large")},
     "bad_workspace_and_out": _bad_workspace_case,
     **{f"experts_{act}_{sch}": (lambda a=act, sc=sch: _expert_case(7, 24, 36, 5, a, sc, seed=9))
-       for act in ACTS for sch in ("token", "expert")},
+       for act in ACTS for sch in ("token", "expert", "hybrid")},
+    "experts_k_eq_n_hybrid": lambda: _expert_case(5, 16, 9, 9, "relu", "hybrid", seed=10),
+    "experts_prealloc_hybrid": lambda: _expert_case(6, 20, 25, 4, "silu", "hybrid", prealloc=True, seed=12),
+    "experts_t0_hybrid": lambda: _expert_case(0, 16, 9, 3, "silu", "hybrid"),
     "experts_k_eq_n_token": lambda: _expert_case(5, 16, 9, 9, "silu", "token", seed=10),
     "experts_k_eq_n_expert": lambda: _expert_case(5, 16, 9, 9, "gelu", "expert", seed=10),
     "experts_t0_token": lambda: _expert_case(0, 16, 9, 3, "silu", "token"),
@@ -251,7 +254,7 @@ def test_gpu_router_ties():
 
 
 @pytest.mark.parametrize("T,d,N,K", [(513, 1024, 4096, 16), (300, 256, 16384, 64), (1, 1024, 1 << 20, 16), (200, 96, 400, 400)])
-@pytest.mark.parametrize("schedule", ["token", "expert"])
+@pytest.mark.parametrize("schedule", ["token", "expert", "hybrid"])
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_gpu_experts(T, d, N, K, schedule):
@@ -278,7 +281,7 @@ def test_gpu_empty_tokens():
     g, i = product_key_topk_triton(px, px, 20, "softmax")
     assert g.shape == (0, 20) and i.shape == (0, 20)
     up = torch.randn(256, 32, device="cuda", dtype=torch.bfloat16)
-    for sch in ("token", "expert"):
+    for sch in ("token", "expert", "hybrid"):
         y = expert_grouped_matmul_triton(torch.empty(0, 32, device="cuda", dtype=torch.bfloat16), up, up, g, i, "silu", schedule=sch)
         assert y.shape == (0, 32)
 
@@ -306,7 +309,7 @@ def test_gpu_prealloc_launch_allocates_nothing_and_captures():
         product_key_topk_triton(px, py, K, "product", gates_out=gates, indices_out=idx, workspace=ws)
         expert_grouped_matmul_triton(x, up, down, gates, idx, "silu", out=y, workspace=ws, schedule=schedule)
 
-    for schedule in ("token", "expert"):
+    for schedule in ("token", "expert", "hybrid"):
         run(schedule)  # compile
         torch.cuda.synchronize()
         before = torch.cuda.memory_stats()["allocation.all.allocated"]

@@ -32,6 +32,8 @@ _SCAN_BLOCK = 1024
 # readme (16 per expert) token 0.09 ms vs expert 0.24 ms; paper_min (20) 3.27 vs 3.22 ms.
 EXPERT_CENTRIC_MIN_REUSE = 20.0
 EXPERT_CENTRIC_MIN_TOKENS = 65
+# Which expert-centric variant "auto" runs (both are tested; see expert_grouped_matmul_triton).
+EXPERT_CENTRIC_SCHEDULE = "expert"
 
 
 @triton.jit
@@ -52,12 +54,13 @@ def _act(h, ACT: tl.constexpr):
 def _token_centric_kernel(
     x_ptr, up_ptr, down_ptr, g_ptr, idx_ptr, y_ptr,
     D, K, N,
-    ACT: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_K: tl.constexpr,
+    ACT: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_K: tl.constexpr, H_GIVEN: tl.constexpr,
 ):
     t = tl.program_id(0).to(tl.int64)
     dd = tl.arange(0, BLOCK_D)
     dm = dd < D
-    xr = tl.load(x_ptr + t * D + dd, mask=dm, other=0.0).to(tl.float32)
+    if not H_GIVEN:
+        xr = tl.load(x_ptr + t * D + dd, mask=dm, other=0.0).to(tl.float32)
     acc = tl.zeros([BLOCK_D], dtype=tl.float32)
     kk = tl.arange(0, BLOCK_K)
     for k0 in range(0, K, BLOCK_K):
@@ -68,11 +71,16 @@ def _token_centric_kernel(
         g = tl.load(g_ptr + t * K + k0 + kk, mask=km, other=0.0)
         rows = e.to(tl.int64) * D
         m2 = km[:, None] & dm[None, :]
-        # Both gathers are issued before any math so the two rows' latencies overlap.
-        u = tl.load(up_ptr + rows[:, None] + dd[None, :], mask=m2, other=0.0)
-        v = tl.load(down_ptr + rows[:, None] + dd[None, :], mask=m2, other=0.0)
-        h = _act(tl.sum(u.to(tl.float32) * xr[None, :], axis=1), ACT) * g
-        v = v.to(tl.float32)
+        if H_GIVEN:
+            # g_ptr holds act(<up, x>) * gate per pair already (expert-centric first stage).
+            h = g
+            v = tl.load(down_ptr + rows[:, None] + dd[None, :], mask=m2, other=0.0).to(tl.float32)
+        else:
+            # Both gathers are issued before any math so the two rows' latencies overlap.
+            u = tl.load(up_ptr + rows[:, None] + dd[None, :], mask=m2, other=0.0)
+            v = tl.load(down_ptr + rows[:, None] + dd[None, :], mask=m2, other=0.0)
+            h = _act(tl.sum(u.to(tl.float32) * xr[None, :], axis=1), ACT) * g
+            v = v.to(tl.float32)
         acc += tl.sum(h[:, None] * v, axis=0)
     tl.store(y_ptr + t * D + dd, acc.to(y_ptr.dtype.element_ty), mask=dm)
 
@@ -135,7 +143,7 @@ def _expert_tile_kernel(
     x_ptr, up_ptr, down_ptr, g_ptr, idx_ptr, sorted_ptr, offsets_ptr, block_sums_ptr, y_ptr,
     D, K, N,
     ACT: tl.constexpr, BE: tl.constexpr, BM: tl.constexpr, BD: tl.constexpr,
-    SCAN_BLOCK: tl.constexpr, IEEE: tl.constexpr, SPLIT: tl.constexpr,
+    SCAN_BLOCK: tl.constexpr, IEEE: tl.constexpr, SPLIT: tl.constexpr, STORE_H: tl.constexpr,
 ):
     e0 = tl.program_id(0) * BE
     start = _group_start(offsets_ptr, block_sums_ptr, e0, SCAN_BLOCK)
@@ -165,22 +173,26 @@ def _expert_tile_kernel(
                 acc = tl.dot(xt, tl.trans(w), acc)
         onehot = (e - e0)[:, None] == cols[None, :]
         h = _act(tl.sum(tl.where(onehot, acc, 0.0), axis=1), ACT) * g
-        hm = tl.where(onehot, h[:, None], 0.0)
-        if SPLIT:
-            # 16-bit tensor-core operands: split h into hi + lo parts to keep ~16 mantissa bits.
-            h_hi = hm.to(x_ptr.dtype.element_ty)
-            h_lo = (hm - h_hi.to(tl.float32)).to(x_ptr.dtype.element_ty)
-        for d0 in range(0, D, BD):
-            dm = (d0 + dd) < D
-            v = tl.load(down_ptr + wrow[:, None] + d0 + dd[None, :], mask=em[:, None] & dm[None, :], other=0.0)
+        if STORE_H:
+            # Hybrid schedule: y_ptr is the [T*K] fp32 buffer of act(<up, x>) * gate per pair.
+            tl.store(y_ptr + p, h, mask=rm)
+        else:
+            hm = tl.where(onehot, h[:, None], 0.0)
             if SPLIT:
-                o = tl.dot(h_hi, v)
-                o = tl.dot(h_lo, v, o)
-            elif IEEE:
-                o = tl.dot(hm, v.to(tl.float32), input_precision="ieee")
-            else:
-                o = tl.dot(hm, v.to(tl.float32))
-            tl.atomic_add(y_ptr + xrow[:, None] + d0 + dd[None, :], o, mask=rm[:, None] & dm[None, :], sem="relaxed")
+                # 16-bit tensor-core operands: split h into hi + lo parts to keep ~16 mantissa bits.
+                h_hi = hm.to(x_ptr.dtype.element_ty)
+                h_lo = (hm - h_hi.to(tl.float32)).to(x_ptr.dtype.element_ty)
+            for d0 in range(0, D, BD):
+                dm = (d0 + dd) < D
+                v = tl.load(down_ptr + wrow[:, None] + d0 + dd[None, :], mask=em[:, None] & dm[None, :], other=0.0)
+                if SPLIT:
+                    o = tl.dot(h_hi, v)
+                    o = tl.dot(h_lo, v, o)
+                elif IEEE:
+                    o = tl.dot(hm, v.to(tl.float32), input_precision="ieee")
+                else:
+                    o = tl.dot(hm, v.to(tl.float32))
+                tl.atomic_add(y_ptr + xrow[:, None] + d0 + dd[None, :], o, mask=rm[:, None] & dm[None, :], sem="relaxed")
 
 
 def expert_workspace_bytes(max_tokens: int, top_k: int, num_experts: int, hidden_size: int) -> int:
@@ -203,6 +215,15 @@ def use_expert_centric(T: int, K: int, N: int) -> bool:
     return T >= EXPERT_CENTRIC_MIN_TOKENS and T * K >= EXPERT_CENTRIC_MIN_REUSE * N
 
 
+def _launch_token_centric(x, up, down, g, indices, out, D, K, N, act, h_given):
+    block_d = next_pow2(D)
+    block_k = max(2, min(next_pow2(K), max(2, 16384 // block_d)))
+    _token_centric_kernel[(x.shape[0],)](
+        x, up, down, g, indices, out, D, K, N,
+        ACT=act, BLOCK_D=block_d, BLOCK_K=block_k, H_GIVEN=h_given, num_warps=4 if block_d <= 512 else 8,
+    )
+
+
 def expert_grouped_matmul_triton(
     x: torch.Tensor,
     up: torch.Tensor,
@@ -215,7 +236,11 @@ def expert_grouped_matmul_triton(
     workspace: torch.Tensor | None = None,
     schedule: str = "auto",
 ) -> torch.Tensor:
-    """y [T,d] in x's dtype (ops.expert_grouped_matmul_reference). `schedule`: auto|token|expert.
+    """y [T,d] in x's dtype (ops.expert_grouped_matmul_reference).
+
+    `schedule`: auto | token | expert (tile kernel accumulates y with fp32 atomics) | hybrid
+    (tile kernel computes act(<up, x>) * gate per pair on tensor cores, then a token-centric pass
+    sums the down rows without atomics).
 
     With out and workspace given: no allocation, no host sync, current stream only.
     """
@@ -234,17 +259,12 @@ def expert_grouped_matmul_triton(
         return out
     act = ACT_IDS[activation]
     if schedule == "auto":
-        schedule = "expert" if use_expert_centric(T, K, N) else "token"
+        schedule = EXPERT_CENTRIC_SCHEDULE if use_expert_centric(T, K, N) else "token"
     if schedule == "token":
-        block_d = next_pow2(D)
-        block_k = max(2, min(next_pow2(K), max(2, 16384 // block_d)))
-        _token_centric_kernel[(T,)](
-            x, up, down, gates, indices, out, D, K, N,
-            ACT=act, BLOCK_D=block_d, BLOCK_K=block_k, num_warps=4 if block_d <= 512 else 8,
-        )
+        _launch_token_centric(x, up, down, gates, indices, out, D, K, N, act, h_given=False)
         return out
-    if schedule != "expert":
-        raise ops.OmniMoEInputError(f"schedule must be auto|token|expert, got {schedule!r}")
+    if schedule not in ("expert", "hybrid"):
+        raise ops.OmniMoEInputError(f"schedule must be auto|token|expert|hybrid, got {schedule!r}")
 
     tk, n1 = T * K, N + 1
     nb = triton.cdiv(n1, _SCAN_BLOCK)
@@ -254,9 +274,7 @@ def expert_grouped_matmul_triton(
     block_sums = carver.take(nb, torch.int32)
     rank = carver.take(tk, torch.int32)
     sorted_pairs = carver.take(tk, torch.int32)
-    y32 = out if x.dtype == torch.float32 else carver.take(T * D, torch.float32).view(T, D)
     counts.zero_()
-    y32.zero_()
     blk = 1024
     _histogram_kernel[(triton.cdiv(tk, blk),)](indices, counts, rank, tk, N, BLOCK=blk)
     _scan_blocks_kernel[(nb,)](counts, offsets, block_sums, n1, BLOCK=_SCAN_BLOCK)
@@ -264,11 +282,20 @@ def expert_grouped_matmul_triton(
     _scatter_kernel[(triton.cdiv(tk, blk),)](indices, rank, offsets, block_sums, sorted_pairs, tk, N,
                                             SCAN_BLOCK=_SCAN_BLOCK, BLOCK=blk)
     fp32 = x.dtype == torch.float32
+    hybrid = schedule == "hybrid"
+    if hybrid:
+        # rank is dead after the scatter: reuse it for the per-pair act(<up, x>) * gate.
+        target = rank.view(torch.float32)
+    else:
+        target = out if fp32 else carver.take(T * D, torch.float32).view(T, D)
+        target.zero_()
     _expert_tile_kernel[(triton.cdiv(N, _EC_BE),)](
-        x, up, down, gates, indices, sorted_pairs, offsets, block_sums, y32, D, K, N,
+        x, up, down, gates, indices, sorted_pairs, offsets, block_sums, target, D, K, N,
         ACT=act, BE=_EC_BE, BM=_EC_BM, BD=_EC_BD, SCAN_BLOCK=_SCAN_BLOCK,
-        IEEE=fp32, SPLIT=not fp32, num_warps=4,
+        IEEE=fp32, SPLIT=not fp32, STORE_H=hybrid, num_warps=4,
     )
-    if y32 is not out:
-        out.copy_(y32)
+    if hybrid:
+        _launch_token_centric(x, up, down, target, indices, out, D, K, N, act, h_given=True)
+    elif target is not out:
+        out.copy_(target)
     return out
