@@ -5,18 +5,19 @@ nothing special and runs on any execution provider. For a plugin graph (nodes in
 `omnimoe`) the two SPEC §3 ops are registered as onnxruntime-extensions Python custom ops that
 call the reference implementations in `omnimoe.ops`; they run on the CPU.
 
-fp16 / bf16 plugin graphs: the onnxruntime-extensions Python custom-op API handles float32 only
-(declaring a float16 input aborts the process with "Type float16 not supported by python
-customops api", and numpy has no bfloat16), so both ops are registered for float32, which is
-also what SPEC §3 fixes for `OmniProductKeyTopK` (fp32 router log-probs). When a graph's
-`OmniExpertGroupedMatMul` takes fp16/bf16 tensors, the session is built from an in-memory
-rewrite of the graph: the K rows per token that the node reads are gathered from the tables in
-their own dtype and cast to float32, `x` is cast to float32, the op runs on that compact
-[T*K, d] table with indices arange(T*K), and its output is cast back to x's dtype. That is
-exactly the op contract (fp16/bf16 operands, fp32 accumulation, result in x's dtype), with
-memory proportional to T*K*d rather than a float32 copy of the tables. The file on disk is not
-changed; external data still loads from the model's own directory. (bf16 graphs additionally
-need an execution provider with bf16 Gemm/MatMul kernels; ONNX Runtime's CPU provider has none.)
+How plugin graphs run, fp16 / bf16 included: the onnxruntime-extensions Python custom-op API
+handles float32 only (declaring a float16 input aborts the process with "Type float16 not
+supported by python customops api", and numpy has no bfloat16), and it copies every input into
+numpy on every call. Both ops are therefore registered for float32 (what SPEC §3 fixes for
+`OmniProductKeyTopK` anyway: fp32 router log-probs), and the session is built from an in-memory
+rewrite of the graph in which each `OmniExpertGroupedMatMul` receives only the rows it reads:
+they are gathered from the tables in the tables' own dtype, cast to float32 when that is
+fp16/bf16, and passed as a compact [T*K, d] table with indices arange(T*K); `x` is cast to
+float32 and the result back to x's dtype. That is exactly the op contract (fp16/bf16 operands,
+fp32 accumulation, result in x's dtype) with memory and copy cost proportional to T*K*d, never a
+float32 copy of the tables. The file on disk is not changed; external data still loads from the
+model's own directory. (bf16 graphs additionally need an execution provider with bf16
+Gemm/MatMul kernels; ONNX Runtime's CPU provider has none.)
 """
 from __future__ import annotations
 
@@ -79,13 +80,15 @@ def _is_plugin_graph(model) -> bool:
     return any(n.domain == schemas.DOMAIN for n in model.graph.node)
 
 
-def _float32_expert_operands(model) -> bool:
-    """Rewrite each non-fp32 OmniExpertGroupedMatMul for the float32-only Python op (in place).
+def _compact_expert_operands(model) -> bool:
+    """Rewrite each OmniExpertGroupedMatMul so the Python op sees only the rows it reads (in place).
 
-    Instead of casting whole [N, d] tables (for the N = 2^20 fp16 case that is 8 GiB per run),
-    the rows the node reads are gathered in the tables' own dtype, cast to float32, and handed
-    to the op as a compact table [T*K, d] with indices arange(T*K).reshape(T, K): the op then
-    computes exactly what it would on the full tables. Returns True if anything changed.
+    onnxruntime-extensions copies every input of a Python op into numpy on every call, so handing
+    it [N, d] tables costs a full copy of both tables per run (0.7 s per call for 2 x 1 GiB), and
+    it takes float32 only. Instead, the rows the node reads are gathered in the tables' own
+    dtype (cast to float32 if they are fp16/bf16) and passed as a compact table [T*K, d] with
+    indices arange(T*K).reshape(T, K); y is cast back to the original dtype. The op then
+    computes exactly what it would on the full tables. Returns True if any node was rewritten.
     """
     from onnx import TensorProto, helper
 
@@ -94,11 +97,11 @@ def _float32_expert_operands(model) -> bool:
     new_nodes = []
     changed = 0
     for node in model.graph.node:
-        is_experts = node.domain == schemas.DOMAIN and node.op_type == schemas.EXPERT_GROUPED_MATMUL.op_type
-        table_type = types.get(node.input[1], TensorProto.FLOAT) if is_experts else TensorProto.FLOAT
-        if table_type == TensorProto.FLOAT:
+        if not (node.domain == schemas.DOMAIN and node.op_type == schemas.EXPERT_GROUPED_MATMUL.op_type):
             new_nodes.append(node)
             continue
+        table_type = types.get(node.input[1], TensorProto.FLOAT)
+        is_float = table_type == TensorProto.FLOAT
         p = f"omnimoe_ort{changed}_"
         changed += 1
         x, up, down, gates, indices = node.input
@@ -125,13 +128,21 @@ def _float32_expert_operands(model) -> bool:
         for table in (up, down):
             rows = f"{p}{len(compact)}_rows"
             add(helper.make_node("Gather", [table, indices], [rows + "_tkd"], axis=0))
-            add(helper.make_node("Reshape", [rows + "_tkd", p + "rows_shape"], [rows + "_flat"]))
-            add(helper.make_node("Cast", [rows + "_flat"], [rows], to=TensorProto.FLOAT))
+            if is_float:
+                add(helper.make_node("Reshape", [rows + "_tkd", p + "rows_shape"], [rows]))
+            else:
+                add(helper.make_node("Reshape", [rows + "_tkd", p + "rows_shape"], [rows + "_flat"]))
+                add(helper.make_node("Cast", [rows + "_flat"], [rows], to=TensorProto.FLOAT))
             compact.append(rows)
-        add(helper.make_node("Cast", [x], [p + "x"], to=TensorProto.FLOAT))
-        y = node.output[0]
+        x_float = x if is_float else p + "x"
+        if not is_float:
+            add(helper.make_node("Cast", [x], [x_float], to=TensorProto.FLOAT))
         del node.input[:]
-        node.input.extend([p + "x", compact[0], compact[1], gates, p + "compact_idx"])
+        node.input.extend([x_float, compact[0], compact[1], gates, p + "compact_idx"])
+        if is_float:
+            add(node)
+            continue
+        y = node.output[0]
         node.output[0] = p + "y"
         add(node)
         add(helper.make_node("Cast", [p + "y"], [y], to=table_type))
@@ -166,7 +177,7 @@ def ort_session(path: str | os.PathLike, providers: list | None = None, session_
 
     _register_custom_ops()
     options.register_custom_ops_library(get_library_path())
-    if not _float32_expert_operands(model):
+    if not _compact_expert_operands(model):
         return ort.InferenceSession(str(path), sess_options=options, providers=providers)
     # Session from the rewritten bytes; external data resolves relative to the original file.
     options.add_session_config_entry(

@@ -253,7 +253,7 @@ def _lm_variant(name: str) -> TinyOmniLM:
         from omnimoe.train import train_tiny
 
         # A short run: the batch-norm statistics, router and tables are trained, not initial.
-        result = train_tiny(steps=30, time_budget_s=30.0, log=lambda _: None)
+        result = train_tiny(steps=30, log=lambda _: None)
         assert result.loss_after < result.loss_before
         return result.model.eval()
     gate, router_norm = name.split("-")
