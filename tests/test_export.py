@@ -321,6 +321,7 @@ def test_fp16_plugin_and_standard_graphs_agree_in_onnxruntime(tmp_path):
         inits = {i.name: i.data_type for i in model.graph.initializer}
         assert inits["up_embed.weight"] == inits["down_embed.weight"] == onnx.TensorProto.FLOAT16
         # batch-norm statistics stay float32 in fp16 graphs
+        assert inits["router_norm_x.running_mean"] == inits["router_norm_y.running_mean"] == onnx.TensorProto.FLOAT
         assert model.graph.input[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT16
     x = torch.randn(3, 37, 32, generator=torch.Generator().manual_seed(3)).half().numpy()
     outputs = run_sessions({ops: ort_session(p) for ops, p in paths.items()}, "x", x)
