@@ -32,6 +32,7 @@ import torch.nn as nn
 
 from omnimoe.atomic import atomic_files
 from omnimoe.errors import OmniMoEInputError
+from omnimoe.layer import OmniMoELayer
 
 OPS_CHOICES = ("plugin", "standard")
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -217,17 +218,25 @@ def _trace(model, example_inputs, ops, opset, input_names, output_names, dynamic
         )
 
 
-def _check_custom_nodes(ir_model, ops: str) -> None:
-    """The plugin graph holds only SPEC §3 custom nodes; the standard twin holds none."""
+def _check_custom_nodes(ir_model, ops: str, has_omnimoe_layers: bool) -> None:
+    """The plugin graph holds only SPEC §3 custom nodes, one top-K + one expert node per layer
+    call; the standard twin holds none."""
     from . import schemas
 
+    counts = {op.op_type: 0 for op in schemas.OPS}
     for node in ir_model.graph.all_nodes():
         if node.domain == schemas.DOMAIN:
             if ops == "standard":
                 raise RuntimeError(f"standard-op export still contains custom node {node.op_type}")
             schemas.check_ir_node(node)
+            counts[node.op_type] += 1
         elif node.domain not in ("", "ai.onnx"):
             raise RuntimeError(f"unexpected node domain {node.domain!r} ({node.op_type})")
+    if ops == "plugin" and has_omnimoe_layers:
+        topk, experts = counts[schemas.PRODUCT_KEY_TOPK.op_type], counts[schemas.EXPERT_GROUPED_MATMUL.op_type]
+        if topk == 0 or topk != experts:
+            # e.g. a layer whose forward bypassed the omnimoe dispatchers while tracing
+            raise RuntimeError(f"plugin export has {topk} top-K and {experts} expert nodes; expected one pair per layer")
 
 
 def _tensor_nbytes(tensor) -> int:
@@ -373,7 +382,7 @@ def export_onnx(
             program = _trace(model, inputs, ops, opset, input_names, output_names, dynamic_shapes)
             trace_seconds = time.perf_counter() - t0
             ir_model = program.model
-            _check_custom_nodes(ir_model, ops)
+            _check_custom_nodes(ir_model, ops, any(isinstance(m, OmniMoELayer) for m in model.modules()))
             float_dtypes = {v.const_value.dtype.name for v in ir_model.graph.initializers.values() if v.const_value is not None}
             ir_model.metadata_props[METADATA_OPS] = ops
             ir_model.metadata_props[METADATA_DTYPE] = name or ",".join(sorted(float_dtypes))

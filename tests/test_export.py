@@ -476,3 +476,21 @@ def test_more_than_2gib_without_external_data_is_refused_before_tracing():
     with pytest.raises(OmniMoEInputError, match="external data"):
         onnx_export.check_external_data_choice(big, "fp16", external_data=False)
     onnx_export.check_external_data_choice(big, "fp16", external_data=None)  # auto: allowed
+
+
+class _BypassingLayer(OmniMoELayer):
+    """Computes the layer with the reference functions directly, skipping the custom-op dispatch."""
+
+    def forward(self, x):
+        x2 = x.reshape(-1, self.config.hidden_size)
+        px, py = self.router_log_probs(x2)
+        scores, indices = torch.topk((px[:, :, None] + py[:, None, :]).flatten(1), self.config.top_k)
+        h = torch.nn.functional.silu(torch.einsum("tkd,td->tk", self.up_embed.weight[indices], x2)) * scores.exp()
+        return torch.einsum("tk,tkd->td", h, self.down_embed.weight[indices]).reshape(x.shape)
+
+
+def test_plugin_export_refuses_a_graph_without_the_custom_nodes(tmp_path):
+    layer = _BypassingLayer(OmniMoEConfig(hidden_size=32, num_experts=64, top_k=4)).eval()
+    with pytest.raises(RuntimeError, match="expected one pair per layer"):
+        export_onnx(layer, tmp_path / "m.onnx", example_inputs=(torch.zeros(2, 3, 32),), ops="plugin")
+    assert list(tmp_path.iterdir()) == []
