@@ -225,8 +225,8 @@ gpu = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason
 
 
 @pytest.mark.parametrize("s,K,gate", [
-    (8, 64, "product"), (64, 16, "product"), (64, 4096, "softmax"), (320, 512, "product"),
-    (320, 2048, "softmax"), (1024, 16, "softmax"), (1024, 4096, "product"), (100, 1, "product"),
+    (64, 16, "product"), (64, 4096, "softmax"), (320, 512, "product"),
+    (320, 2048, "softmax"), (1024, 16, "softmax"), (1024, 4096, "product"),
 ])
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -253,7 +253,7 @@ def test_gpu_router_ties():
         assert_topk_matches(px.cpu(), py.cpu(), K, gate, g.cpu(), i.cpu(), gr.cpu(), ir.cpu())
 
 
-@pytest.mark.parametrize("T,d,N,K", [(513, 1024, 4096, 16), (300, 256, 16384, 64), (1, 1024, 1 << 20, 16), (200, 96, 400, 400)])
+@pytest.mark.parametrize("T,d,N,K", [(513, 1024, 4096, 16), (300, 256, 16384, 64), (200, 96, 400, 400)])
 @pytest.mark.parametrize("schedule", ["token", "expert", "hybrid"])
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -262,10 +262,11 @@ def test_gpu_experts(T, d, N, K, schedule):
 
     gen = torch.Generator().manual_seed(T + N)
     x, up, down, g, idx = _expert_inputs(T, d, N, K, gen, device="cuda", dups=N > 100000)
-    for act in ACTS if d < 1024 else ("silu",):
+    # Every activation once (each is its own compile); fp16 on one shape.
+    for act in ACTS if d == 96 else ("silu",):
         y = expert_grouped_matmul_triton(x, up, down, g, idx, act, schedule=schedule)
         assert rel_err(y, ops.expert_grouped_matmul_reference(x, up, down, g, idx, act)) <= 1e-5
-    for dt in (torch.bfloat16, torch.float16):
+    for dt in (torch.float16,) if d == 96 else (torch.bfloat16,):
         xb, ub, db = x.to(dt), up.to(dt), down.to(dt)
         y = expert_grouped_matmul_triton(xb, ub, db, g, idx, "silu", schedule=schedule)
         yr = ops.expert_grouped_matmul_reference(xb, ub, db, g, idx, "silu")

@@ -29,11 +29,12 @@ _EC_BD = 64
 _SCAN_BLOCK = 1024
 # Expected pairs per expert (T*K/N) from which the expert-centric schedule wins; below it, or for
 # few tokens, the token-centric one. Measured on the H200 (experts_only in benchmarks/h200.json):
-# readme (16 per expert) token 0.09 ms vs expert 0.24 ms; paper_min (20) 3.27 vs 3.22 ms.
+# readme (16 per expert) token 0.09 ms vs hybrid 0.33 ms; paper_min (20) token 2.51 ms,
+# atomic expert 3.24 ms, hybrid 2.35 ms.
 EXPERT_CENTRIC_MIN_REUSE = 20.0
 EXPERT_CENTRIC_MIN_TOKENS = 65
-# Which expert-centric variant "auto" runs (both are tested; see expert_grouped_matmul_triton).
-EXPERT_CENTRIC_SCHEDULE = "expert"
+# Which expert-centric variant "auto" runs (both are tested; hybrid measured faster on the H200).
+EXPERT_CENTRIC_SCHEDULE = "hybrid"
 
 
 @triton.jit

@@ -271,6 +271,13 @@ def _product_key_topk_small_kernel(
     tl.store(idx_ptr + t * K + rk, out_e, mask=km)
 
 
+def _small_num_warps(s: int, ka: int) -> int:
+    # Few warps keep the per-round max reductions inside a warp (shuffles, no block barrier);
+    # enough warps to hold s and the (next_pow2 ka)^2 candidate keys in registers.
+    w = max(1, min(4, next_pow2(s) // 128))
+    return max(w, 4 if ka > 32 else (2 if ka > 16 else 1))
+
+
 # Largest K for the register-only path (its candidate grid is next_pow2(K)^2 int64 keys).
 SMALL_K_MAX = 64
 
@@ -321,7 +328,7 @@ def product_key_topk_triton(
             log_probs_x, log_probs_y, gates_out, indices_out,
             s, K, ka, log_probs_x.stride(0), log_probs_y.stride(0),
             SOFTMAX=(gate == "softmax"), BLOCK_S=max(16, next_pow2(s)), BLOCK_A=max(16, next_pow2(ka)),
-            BLOCK_K=max(16, next_pow2(K)), num_warps=4 if ka <= 32 else 8,
+            BLOCK_K=max(16, next_pow2(K)), num_warps=_small_num_warps(s, ka),
         )
         return gates_out, indices_out
     carver = Carver(workspace, topk_workspace_bytes(T, s, K), dev)
