@@ -383,9 +383,9 @@ def export_onnx(
             trace_seconds = time.perf_counter() - t0
             ir_model = program.model
             _check_custom_nodes(ir_model, ops, any(isinstance(m, OmniMoELayer) for m in model.modules()))
-            float_dtypes = {v.const_value.dtype.name for v in ir_model.graph.initializers.values() if v.const_value is not None}
+            graph_dtype = name or _weights_dtype_name(model)
             ir_model.metadata_props[METADATA_OPS] = ops
-            ir_model.metadata_props[METADATA_DTYPE] = name or ",".join(sorted(float_dtypes))
+            ir_model.metadata_props[METADATA_DTYPE] = graph_dtype
             init_bytes = sum(
                 _tensor_nbytes(v.const_value) for v in ir_model.graph.initializers.values() if v.const_value is not None
             )
@@ -421,13 +421,25 @@ def export_onnx(
         path=path,
         data_path=data_path,
         ops=ops,
-        dtype=name or "as-is",
+        dtype=graph_dtype,
         opset=int(opset) if opset is not None else _model_opset(path),
         initializer_bytes=init_bytes,
         trace_seconds=trace_seconds,
         write_seconds=write_seconds,
         check_seconds=check_seconds,
     )
+
+
+def _weights_dtype_name(model: nn.Module) -> str:
+    """The model's weight dtype as 'fp32' | 'fp16' | 'bf16' (expert tables first), else torch's name."""
+    layers = [m for m in model.modules() if isinstance(m, OmniMoELayer)]
+    tensors = [layers[0].up_embed.weight] if layers else [p for p in model.parameters() if p.is_floating_point()]
+    if not tensors:
+        return "none"
+    for short, value in DTYPES.items():
+        if tensors[0].dtype == value:
+            return short
+    return str(tensors[0].dtype).removeprefix("torch.")
 
 
 def _model_opset(path: Path) -> int:

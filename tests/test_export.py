@@ -165,7 +165,8 @@ def test_layer_plugin_graph_matches_spec(layer_export):
     assert x.name == "x" and [d.dim_param for d in x.type.tensor_type.shape.dim[:2]] == ["batch", "seq"]
     assert x.type.tensor_type.shape.dim[2].dim_value == 32
     assert [o.name for o in model.graph.output] == ["y"]
-    assert {p.key: p.value for p in model.metadata_props}[onnx_export.METADATA_OPS] == "plugin"
+    metadata = {p.key: p.value for p in model.metadata_props}
+    assert metadata[onnx_export.METADATA_OPS] == "plugin" and metadata[onnx_export.METADATA_DTYPE] == "fp32"
 
 
 def test_layer_standard_graph_has_only_standard_ops(layer_export):
