@@ -1,6 +1,10 @@
 """Product-key router: exact top-K of S[i*s+j] = px[i] + py[j] in one Triton program per token.
 
-Per token (one CTA):
+K <= 64 (`_product_key_topk_small_kernel`, no workspace): per-axis top-min(K,s) by min(K,s) rounds
+of "take the max" over packed (float-key, index) int64 keys, then the pruned candidate grid
+(a+1)(b+1) <= K sits in registers and K more rounds pick the winners in order.
+
+K > 64 (`_product_key_topk_kernel`), per token (one CTA):
 1. Sort each axis (bitonic `tl.sort` on packed (float-key, index) int64 so ties go to the smaller
    index) and keep the top KA = min(K, s) of each, in a per-token workspace slice.
 2. Only rank pairs (a, b) with (a+1)(b+1) <= K can be in the top-K (each has >= that many pairs
