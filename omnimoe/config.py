@@ -2,15 +2,26 @@
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
-from pathlib import Path
 
 from .errors import OmniMoEInputError
 
 ACTIVATIONS = ("silu", "gelu", "relu", "gelu_tanh")
 GATES = ("product", "softmax")
 ROUTER_NORMS = ("batchnorm", "none")
+
+
+def dataclass_kwargs(cls, data: dict) -> dict:
+    """The config.json fields of dataclass `cls`: unknown or missing fields are bad input."""
+    fields = {f.name for f in dataclasses.fields(cls)}
+    unknown = set(data) - fields - {"model_type"}
+    if unknown:
+        raise OmniMoEInputError(f"config has unknown fields: {sorted(unknown)}")
+    required = {f.name for f in dataclasses.fields(cls) if f.default is dataclasses.MISSING}
+    missing = required - set(data)
+    if missing:
+        raise OmniMoEInputError(f"config is missing fields: {sorted(missing)}")
+    return {k: v for k, v in data.items() if k in fields}
 
 
 def expert_grid_side(num_experts: int) -> int:
@@ -63,23 +74,4 @@ class OmniMoEConfig:
 
     @classmethod
     def from_dict(cls, data: dict) -> "OmniMoEConfig":
-        fields = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(data) - fields - {"model_type"}
-        if unknown:
-            raise OmniMoEInputError(f"config has unknown fields: {sorted(unknown)}")
-        missing = {"hidden_size", "num_experts", "top_k"} - set(data)
-        if missing:
-            raise OmniMoEInputError(f"config is missing fields: {sorted(missing)}")
-        return cls(**{k: v for k, v in data.items() if k in fields})
-
-    @classmethod
-    def from_json_file(cls, path: str | Path) -> "OmniMoEConfig":
-        try:
-            data = json.loads(Path(path).read_text())
-        except FileNotFoundError:
-            raise OmniMoEInputError(f"{path}: no such file") from None
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise OmniMoEInputError(f"{path}: not valid JSON ({e})") from None
-        if not isinstance(data, dict):
-            raise OmniMoEInputError(f"{path}: expected a JSON object")
-        return cls.from_dict(data)
+        return cls(**dataclass_kwargs(cls, data))

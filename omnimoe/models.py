@@ -11,7 +11,7 @@ import math
 import torch
 import torch.nn as nn
 
-from .config import OmniMoEConfig
+from .config import OmniMoEConfig, dataclass_kwargs
 from .errors import OmniMoEInputError
 from .layer import OmniMoELayer
 
@@ -29,6 +29,8 @@ class TinyOmniLMConfig:
     def __post_init__(self) -> None:
         if isinstance(self.moe, dict):
             self.moe = OmniMoEConfig.from_dict(self.moe)
+        if not isinstance(self.moe, OmniMoEConfig):
+            raise OmniMoEInputError(f"moe must be an OmniMoE layer config, got {type(self.moe).__name__}")
         for name in ("vocab_size", "hidden_size", "num_layers", "num_heads", "max_seq_len"):
             value = getattr(self, name)
             if not isinstance(value, int) or value <= 0:
@@ -47,14 +49,7 @@ class TinyOmniLMConfig:
 
     @classmethod
     def from_dict(cls, data: dict) -> "TinyOmniLMConfig":
-        fields = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(data) - fields - {"model_type"}
-        if unknown:
-            raise OmniMoEInputError(f"config has unknown fields: {sorted(unknown)}")
-        try:
-            return cls(**{k: v for k, v in data.items() if k in fields})
-        except TypeError as e:
-            raise OmniMoEInputError(f"invalid TinyOmniLM config: {e}") from None
+        return cls(**dataclass_kwargs(cls, data))
 
 
 class RMSNorm(nn.Module):
