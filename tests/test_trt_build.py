@@ -20,6 +20,7 @@ import pytest
 import torch
 from onnx import TensorProto, helper
 
+from trt_fields import plugin_fields
 from export.schemas import DOMAIN, EXPERT_GROUPED_MATMUL, OPSET_VERSION, PRODUCT_KEY_TOPK
 from omnimoe.errors import OmniMoEInputError
 
@@ -141,39 +142,23 @@ def test_register_is_idempotent_and_uses_schema_identity(trt):
         assert trt_plugins.is_registered(trt, op.op_type)
 
 
-_KEEP_ALIVE = []  # PluginField keeps only the address of its numpy data
-
-
-def _fields(trt, **values):
-    """Fields encoded as the ONNX parser passes them: INT as INT32, STRING as NUL-terminated CHAR."""
-    fields = []
-    for name, value in values.items():
-        if isinstance(value, int):
-            data, kind = np.array([value], np.int32), trt.PluginFieldType.INT32
-        else:
-            data, kind = np.frombuffer(value.encode() + b"\0", np.int8).copy(), trt.PluginFieldType.CHAR
-        _KEEP_ALIVE.append(data)
-        fields.append(trt.PluginField(name, data, kind))
-    return trt.PluginFieldCollection(fields)
-
-
 def test_fields_serialize_round_trip_and_are_validated(trt):
     creators = trt_plugins.creators(trt)
-    topk = creators[PRODUCT_KEY_TOPK.op_type].create_plugin("t", _fields(trt, top_k=7, gate="softmax"), trt.TensorRTPhase.BUILD)
+    topk = creators[PRODUCT_KEY_TOPK.op_type].create_plugin("t", plugin_fields(trt, top_k=7, gate="softmax"), trt.TensorRTPhase.BUILD)
     assert topk.attrs == {"top_k": 7, "gate": "softmax"}
     again = creators[PRODUCT_KEY_TOPK.op_type].create_plugin("t", topk.get_fields_to_serialize(), trt.TensorRTPhase.RUNTIME)
     assert again.attrs == topk.attrs and again.phase == trt.TensorRTPhase.RUNTIME
     clone = again.attach_to_context(None)
     assert clone is not again and clone.attrs == again.attrs
-    gm = creators[EXPERT_GROUPED_MATMUL.op_type].create_plugin("e", _fields(trt, activation="relu"), trt.TensorRTPhase.BUILD)
+    gm = creators[EXPERT_GROUPED_MATMUL.op_type].create_plugin("e", plugin_fields(trt, activation="relu"), trt.TensorRTPhase.BUILD)
     assert gm.attrs == {"activation": "relu"}
     assert (gm.plugin_name, gm.plugin_version, gm.plugin_namespace, gm.num_outputs) == (EXPERT_GROUPED_MATMUL.op_type, "1", "omnimoe", 1)
     with pytest.raises(OmniMoEInputError, match="gate"):
-        creators[PRODUCT_KEY_TOPK.op_type].create_plugin("t", _fields(trt, top_k=2, gate="argmax"), trt.TensorRTPhase.BUILD)
+        creators[PRODUCT_KEY_TOPK.op_type].create_plugin("t", plugin_fields(trt, top_k=2, gate="argmax"), trt.TensorRTPhase.BUILD)
     with pytest.raises(OmniMoEInputError, match="top_k"):
-        creators[PRODUCT_KEY_TOPK.op_type].create_plugin("t", _fields(trt, gate="product"), trt.TensorRTPhase.BUILD)
+        creators[PRODUCT_KEY_TOPK.op_type].create_plugin("t", plugin_fields(trt, gate="product"), trt.TensorRTPhase.BUILD)
     with pytest.raises(OmniMoEInputError, match="activation"):
-        creators[EXPERT_GROUPED_MATMUL.op_type].create_plugin("e", _fields(trt, activation="tanh"), trt.TensorRTPhase.BUILD)
+        creators[EXPERT_GROUPED_MATMUL.op_type].create_plugin("e", plugin_fields(trt, activation="tanh"), trt.TensorRTPhase.BUILD)
 
 
 def _dyn_desc(trt, dtype, lo, opt, hi):
@@ -190,12 +175,12 @@ def _dyn_desc(trt, dtype, lo, opt, hi):
 def test_workspace_sizes_come_from_the_profile_max_tokens(trt):
     creators = trt_plugins.creators(trt)
     s, K, d, N = 32, 16, 64, 1024
-    topk = creators[PRODUCT_KEY_TOPK.op_type].create_plugin("t", _fields(trt, top_k=K, gate="product"), trt.TensorRTPhase.BUILD)
+    topk = creators[PRODUCT_KEY_TOPK.op_type].create_plugin("t", plugin_fields(trt, top_k=K, gate="product"), trt.TensorRTPhase.BUILD)
     lp = _dyn_desc(trt, trt.DataType.FLOAT, (1, s), (8, s), (4096, s))
     outs = [_dyn_desc(trt, trt.DataType.FLOAT, (1, K), (8, K), (4096, K)), _dyn_desc(trt, trt.DataType.INT32, (1, K), (8, K), (4096, K))]
     assert topk.get_workspace_size([lp, lp], outs) == kernels.topk_workspace_bytes(4096, s, K)
 
-    gm = creators[EXPERT_GROUPED_MATMUL.op_type].create_plugin("e", _fields(trt, activation="silu"), trt.TensorRTPhase.BUILD)
+    gm = creators[EXPERT_GROUPED_MATMUL.op_type].create_plugin("e", plugin_fields(trt, activation="silu"), trt.TensorRTPhase.BUILD)
     ins = [
         _dyn_desc(trt, trt.DataType.BF16, (1, d), (8, d), (300, d)),
         _dyn_desc(trt, trt.DataType.BF16, (N, d), (N, d), (N, d)),

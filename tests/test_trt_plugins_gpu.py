@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 import torch
 
+from trt_fields import plugin_fields
 from export.schemas import DOMAIN, EXPERT_GROUPED_MATMUL, PRODUCT_KEY_TOPK
 from omnimoe.errors import OmniMoEInputError
 from omnimoe.ops import expert_grouped_matmul_reference, product_key_topk_reference
@@ -33,26 +34,13 @@ from omnimoe.kernels import expert_grouped_matmul_triton, product_key_topk_trito
 MAX_TOKENS = 1024  # the "profile max" the workspaces are sized for
 TOKENS = [1, 7, 300, MAX_TOKENS]
 _TRT_TYPE = {torch.float32: "FLOAT", torch.float16: "HALF", torch.bfloat16: "BF16", torch.int32: "INT32"}
-_KEEP_ALIVE = []  # PluginField keeps only the address of its numpy data
-
-
-def _fields(**values):
-    fields = []
-    for name, value in values.items():
-        if isinstance(value, int):
-            data, kind = np.array([value], np.int32), trt.PluginFieldType.INT32
-        else:
-            data, kind = np.frombuffer(value.encode() + b"\0", np.int8).copy(), trt.PluginFieldType.CHAR
-        _KEEP_ALIVE.append(data)
-        fields.append(trt.PluginField(name, data, kind))
-    return trt.PluginFieldCollection(fields)
 
 
 def create_runtime_plugin(op_type: str, **fields):
     """Through the registry, as the runtime does when it deserializes an engine."""
     creator = trt.get_plugin_registry().get_creator(op_type, "1", DOMAIN)
     assert creator is not None, f"{op_type} is not registered"
-    plugin = creator.create_plugin(op_type, _fields(**fields), trt.TensorRTPhase.RUNTIME)
+    plugin = creator.create_plugin(op_type, plugin_fields(trt, **fields), trt.TensorRTPhase.RUNTIME)
     runtime = plugin.get_capability_interface(trt.PluginCapabilityType.RUNTIME).attach_to_context(None)
     return runtime
 
