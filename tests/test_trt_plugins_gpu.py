@@ -10,7 +10,6 @@ fp32 and bf16 at several T, including 1.
 """
 from __future__ import annotations
 
-import numpy as np
 import pytest
 import torch
 
