@@ -177,8 +177,10 @@ def load_checkpoint(directory, backend: str | None = None, device=None, dtype=No
     if device is not None or dtype is not None:
         module.to(device=device, dtype=dtype)
     if backend is not None:
+        from .layer import OmniMoELayer
+
         for m in module.modules():
-            if hasattr(m, "backend") and hasattr(m, "route"):
+            if isinstance(m, OmniMoELayer):
                 m.backend = backend
     return module.eval()
 
