@@ -107,6 +107,17 @@ def _tie_expert(j, xv_ptr, yv_ptr, xi_ptr, yi_ptr, q_ptr, g_ptr, s, KA, STEPS_A:
 
 
 @triton.jit
+def _gates_of(score, km, SOFTMAX: tl.constexpr):
+    """Gates of the K selected log-prob sums (lanes outside km ignored): softmax or exp."""
+    if SOFTMAX:
+        m = tl.max(tl.where(km, score, float("-inf")), axis=0)
+        p = tl.where(km, tl.exp(score - m), 0.0)
+        return p / tl.sum(p, axis=0)
+    else:
+        return tl.exp(score)
+
+
+@triton.jit
 def _product_key_topk_kernel(
     px_ptr, py_ptr, gates_ptr, idx_ptr, wsf_ptr, wsi_ptr,
     s, K, KA, stride_px, stride_py,
@@ -210,13 +221,7 @@ def _product_key_topk_kernel(
     packed = tl.sort(packed, descending=True)
     score = _key_f32((packed >> 32).to(tl.int32))
     e = 0x7FFFFFFF - (packed & 0xFFFFFFFF).to(tl.int32)
-    if SOFTMAX:
-        m = tl.max(tl.where(km, score, float("-inf")), axis=0)
-        p = tl.where(km, tl.exp(score - m), 0.0)
-        g = p / tl.sum(p, axis=0)
-    else:
-        g = tl.exp(score)
-    tl.store(out_g + ko, g, mask=km)
+    tl.store(out_g + ko, _gates_of(score, km, SOFTMAX), mask=km)
     tl.store(out_i + ko, e, mask=km)
 
 
@@ -265,13 +270,7 @@ def _product_key_topk_small_kernel(
         out_s = tl.where(rk == r, _key_f32((m >> 32).to(tl.int32)), out_s)
         out_e = tl.where(rk == r, 0x7FFFFFFF - (m & 0xFFFFFFFF).to(tl.int32), out_e)
     km = rk < K
-    if SOFTMAX:
-        mmax = tl.max(tl.where(km, out_s, float("-inf")), axis=0)
-        p = tl.where(km, tl.exp(out_s - mmax), 0.0)
-        g = p / tl.sum(p, axis=0)
-    else:
-        g = tl.exp(out_s)
-    tl.store(gates_ptr + t * K + rk, g, mask=km)
+    tl.store(gates_ptr + t * K + rk, _gates_of(out_s, km, SOFTMAX), mask=km)
     tl.store(idx_ptr + t * K + rk, out_e, mask=km)
 
 
