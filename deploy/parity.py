@@ -49,13 +49,6 @@ def _routing_layers(outputs) -> int:
     return n
 
 
-def _expert_scores(px: np.ndarray, py: np.ndarray, experts: np.ndarray) -> np.ndarray:
-    """S[t, e] = px[t, e // s] + py[t, e % s] for the given [T, m] expert ids."""
-    s = px.shape[1]
-    rows = np.arange(px.shape[0])[:, None]
-    return px[rows, experts // s] + py[rows, experts % s]
-
-
 def _boundary_gap(px: np.ndarray, py: np.ndarray, top_k: int) -> np.ndarray:
     """Per token: K-th best score minus (K+1)-th best (inf when K = N)."""
     import torch
@@ -70,20 +63,18 @@ def _boundary_gap(px: np.ndarray, py: np.ndarray, top_k: int) -> np.ndarray:
 
 
 def _layer_routing_status(ref, run_indices, layer: int, tie_tol: float) -> tuple[np.ndarray, np.ndarray]:
-    """(differs, near_tie) boolean [T] for one layer, comparing index sets."""
+    """(differs, near_tie) boolean [T] for one layer, comparing index sets (ops.routing_near_ties)."""
+    import torch
+
+    from omnimoe.ops import routing_near_ties
+
     px, py = ref[f"routing.{layer}.log_probs_x"], ref[f"routing.{layer}.log_probs_y"]
-    ref_idx = ref[f"routing.{layer}.indices"].astype(np.int64)
-    run_idx = run_indices.astype(np.int64).reshape(ref_idx.shape)
-    differs = (np.sort(ref_idx, axis=1) != np.sort(run_idx, axis=1)).any(axis=1)
-    near_tie = np.zeros_like(differs)
-    kth = _expert_scores(px, py, ref_idx).min(axis=1)
-    for t in np.flatnonzero(differs):
-        extras = run_idx[t][~np.isin(run_idx[t], ref_idx[t])]
-        valid = (extras >= 0) & (extras < px.shape[1] ** 2)
-        if valid.all():
-            extra_scores = px[t, extras // px.shape[1]] + py[t, extras % px.shape[1]]
-            near_tie[t] = bool(np.all(kth[t] - extra_scores <= tie_tol))
-    return differs, near_tie
+    ref_idx = ref[f"routing.{layer}.indices"]
+    differs, near_tie = routing_near_ties(
+        torch.from_numpy(px), torch.from_numpy(py), torch.from_numpy(ref_idx.astype(np.int64)),
+        torch.from_numpy(run_indices.astype(np.int64)), tie_tol,
+    )
+    return differs.numpy(), near_tie.numpy()
 
 
 def _propagate(seeds: np.ndarray, seq_len: int, causal: bool) -> np.ndarray:

@@ -1,12 +1,27 @@
 """OmniMoELayer: shared SwiGLU MLP + product-key-routed atomic experts (SPEC §1)."""
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from . import ops
 from .config import OmniMoEConfig
 from .errors import OmniMoEInputError
+
+
+_SIDE_STREAMS: dict[torch.device, torch.cuda.Stream] = {}
+
+
+def _side_stream(device: torch.device) -> torch.cuda.Stream | None:
+    """One shared side stream per CUDA device (None on CPU)."""
+    if device.type != "cuda":
+        return None
+    if device not in _SIDE_STREAMS:
+        _SIDE_STREAMS[device] = torch.cuda.Stream(device)
+    return _SIDE_STREAMS[device]
 
 
 class OmniMoELayer(nn.Module):
@@ -58,21 +73,66 @@ class OmniMoELayer(nn.Module):
         return torch.log_softmax(lx, dim=-1)
 
     def router_log_probs(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """x [T, d] -> per-axis log-probs px, py [T, s] float32 (expert i*s+j scores px[i] + py[j])."""
-        px = self._router_log_probs(self.router_gate_x(x), getattr(self, "router_norm_x", None))
-        py = self._router_log_probs(self.router_gate_y(x), getattr(self, "router_norm_y", None))
-        return px, py
+        """x [T, d] -> per-axis log-probs px, py [T, s] float32 (expert i*s+j scores px[i] + py[j]).
+
+        Both backends share this code, so they route on identical log-probs."""
+        norm_x, norm_y = getattr(self, "router_norm_x", None), getattr(self, "router_norm_y", None)
+        weights = (self.router_gate_x.weight, self.router_gate_y.weight)
+        if self.training or ops._exporting() or (torch.is_grad_enabled() and any(w.requires_grad for w in weights)):
+            # Per-axis standard ops: what the ONNX graph holds, and what autograd / batch statistics need.
+            return (self._router_log_probs(self.router_gate_x(x), norm_x),
+                    self._router_log_probs(self.router_gate_y(x), norm_y))
+        # Inference: both axes in one GEMM, one batch-norm and one log-softmax (4 kernels, not 14).
+        w, stats = self._router_inference_params()
+        logits = F.linear(x, w).float()
+        if stats is not None:
+            logits = F.batch_norm(logits, stats[0], stats[1], training=False, eps=self.config.norm_eps)
+        log_probs = torch.log_softmax(logits.view(x.shape[0], 2, self.config.grid_side), dim=-1)
+        return log_probs[:, 0], log_probs[:, 1]
+
+    def _router_inference_params(self) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor] | None]:
+        """Router weights [2s, d] and batch-norm (mean, var) [2s] of both axes, concatenated.
+
+        Cached while no source tensor changes (data pointer and version counter); inference tensors
+        track no version, so for them it is rebuilt each call (same values, three more kernels)."""
+        srcs = [self.router_gate_x.weight, self.router_gate_y.weight]
+        if self.config.router_norm == "batchnorm":
+            nx, ny = self.router_norm_x, self.router_norm_y
+            srcs += [nx.running_mean, ny.running_mean, nx.running_var, ny.running_var]
+        trackable = not any(t.is_inference() for t in srcs)
+        key = tuple((t.data_ptr(), t._version, t.device, t.dtype) for t in srcs) if trackable else None
+        cache = self.__dict__.get("_router_cache")
+        if key is None or cache is None or cache[0] != key:
+            with torch.no_grad():
+                w = torch.cat(srcs[:2])
+                stats = (torch.cat(srcs[2:4]).float(), torch.cat(srcs[4:6]).float()) if len(srcs) > 2 else None
+            cache = (key, w, stats)
+            if key is not None:
+                self.__dict__["_router_cache"] = cache
+        return cache[1], cache[2]
 
     def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x [T, d] -> gates [T, K] float32, expert indices [T, K] int32."""
         px, py = self.router_log_probs(x)
         return ops.product_key_topk(px, py, self.config.top_k, self.config.gate, backend=self.backend)
 
+    def _fused_inference(self) -> bool:
+        # Triton inference fuses the SwiGLU product (kernels/swiglu.py) and the residual add;
+        # training (batch statistics) and export (standard ONNX ops) take the plain torch path.
+        return self.backend == "triton" and not self.training and not ops._exporting()
+
+    def _swiglu_hidden(self, x: torch.Tensor) -> torch.Tensor:
+        """act(gate_proj x) * up_proj x: [T, I]."""
+        if self._fused_inference():
+            from .kernels.swiglu import gated_act_triton
+
+            return gated_act_triton(self.gate_proj(x), self.up_proj(x), self.config.hidden_act)
+        return ops.activation(self.config.hidden_act)(self.gate_proj(x)) * self.up_proj(x)
+
     def shared_mlp(self, x: torch.Tensor) -> torch.Tensor | None:
         if self.config.intermediate_size == 0:
             return None
-        act = ops.activation(self.config.hidden_act)
-        return self.down_proj(act(self.gate_proj(x)) * self.up_proj(x))
+        return self.down_proj(self._swiglu_hidden(x))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         d = self.config.hidden_size
@@ -80,14 +140,38 @@ class OmniMoELayer(nn.Module):
             raise OmniMoEInputError(f"expected input [..., {d}], got {tuple(x.shape)}")
         lead = x.shape[:-1]
         x2 = x.reshape(-1, d)
+        if self._fused_inference():
+            return self._forward_fused(x2).reshape(*lead, d)
         gates, indices = self.route(x2)
         y = ops.expert_grouped_matmul(
             x2, self.up_embed.weight, self.down_embed.weight, gates, indices, self.config.hidden_act, backend=self.backend
         )
-        shared = self.shared_mlp(x2)
-        if shared is not None:
-            y = shared + y
+        if self.config.intermediate_size > 0:
+            y = self.shared_mlp(x2) + y
         return y.reshape(*lead, d)
+
+    def _forward_fused(self, x2: torch.Tensor) -> torch.Tensor:
+        """Triton inference. On CUDA the routed path (router + experts, memory-bound) runs on a side
+        stream while the shared MLP's GEMMs run on the caller's; the join makes it one stream again
+        before returning, and it stays capturable in a CUDA graph."""
+        from .kernels import expert_grouped_matmul_triton
+
+        y = x2.new_empty(x2.shape)  # on the caller's stream, so nothing allocated on the side escapes
+        side = _side_stream(x2.device) if self.config.intermediate_size > 0 else None
+        if side is not None:
+            main = torch.cuda.current_stream(x2.device)
+            side.wait_stream(main)
+        with torch.cuda.stream(side) if side is not None else contextlib.nullcontext():
+            gates, indices = self.route(x2)
+            expert_grouped_matmul_triton(
+                x2, self.up_embed.weight, self.down_embed.weight, gates, indices, self.config.hidden_act, out=y
+            )
+        if self.config.intermediate_size > 0:
+            h = self._swiglu_hidden(x2)
+            if side is not None:
+                main.wait_stream(side)
+            y.addmm_(h, self.down_proj.weight.t())  # the residual add rides in the GEMM
+        return y
 
     # Checkpoints -------------------------------------------------------------------------
     def save_pretrained(self, directory) -> None:

@@ -120,6 +120,33 @@ def product_key_topk_scores(log_probs_x: torch.Tensor, log_probs_y: torch.Tensor
     return torch.cat(all_scores), torch.cat(all_indices)
 
 
+def routing_near_ties(
+    log_probs_x: torch.Tensor, log_probs_y: torch.Tensor, ref_indices: torch.Tensor, run_indices: torch.Tensor, tie_tol: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(differs, near_tie) boolean [T]: does a run's expert set differ from the reference's, and if
+    so, does every expert it picked instead score within `tie_tol` of the reference's K-th score
+    (scores under the reference log-probs)? Two correct implementations whose log-probs differ by
+    rounding may only disagree this way, so this is what routing parity accepts."""
+    s = log_probs_x.shape[1]
+    ref = ref_indices.long()
+    run = run_indices.long().reshape(ref.shape)
+    ref_sorted = ref.sort(dim=1).values
+    differs = (ref_sorted != run.sort(dim=1).values).any(dim=1)
+    if ref.shape[1] == 0:
+        return differs, differs.clone()
+    pos = torch.searchsorted(ref_sorted, run).clamp(max=ref.shape[1] - 1)
+    shared = ref_sorted.gather(1, pos) == run
+    valid = (run >= 0) & (run < s * s)
+    safe = torch.where(valid, run, 0)
+
+    def score(e: torch.Tensor) -> torch.Tensor:
+        return log_probs_x.gather(1, e // s) + log_probs_y.gather(1, e % s)
+
+    kth = score(ref).min(dim=1, keepdim=True).values
+    near = shared | (valid & (kth - score(safe) <= tie_tol))
+    return differs, differs & near.all(dim=1)
+
+
 def expert_grouped_matmul_reference(
     x: torch.Tensor, up: torch.Tensor, down: torch.Tensor, gates: torch.Tensor, indices: torch.Tensor, activation_name: str
 ) -> torch.Tensor:

@@ -6,7 +6,7 @@ import torch
 
 from naive import naive_layer, naive_topk
 from omnimoe import OmniMoEConfig, OmniMoEInputError, OmniMoELayer
-from omnimoe.ops import product_key_topk_reference
+from omnimoe.ops import product_key_topk_reference, product_key_topk_scores, routing_near_ties
 
 
 def random_log_probs(T, s, seed=0):
@@ -51,6 +51,25 @@ def test_topk_wrong_is_detected():
     _, idx = product_key_topk_reference(px, py, 5, "product")
     _, ref = naive_topk(px, py, 5, "product")
     assert not torch.equal((idx.long() + 1) % 64, ref)
+
+
+def test_routing_near_ties_accepts_only_boundary_swaps_within_tolerance():
+    px, py = random_log_probs(3, 8, seed=3)
+    scores, ref = product_key_topk_scores(px, py, 6)  # ranks 0..4 kept, rank 5 = the (K+1)-th
+    ref, nxt = ref[:, :5], ref[:, 5]
+    gap = scores[:, 4] - scores[:, 5]
+    swapped = ref.clone()
+    swapped[:, 4] = nxt  # the K-th expert replaced by the (K+1)-th, in another order
+    swapped = swapped.flip(1)
+    differs, near = routing_near_ties(px, py, ref, ref.flip(1), 1e-4)
+    assert not differs.any() and not near.any()  # order does not matter
+    differs, near = routing_near_ties(px, py, ref, swapped, float(gap.max()) + 1e-6)
+    assert differs.all() and near.all()
+    differs, near = routing_near_ties(px, py, ref, swapped, float(gap.min()) / 2)
+    assert differs.all() and not near.any()  # gap above tolerance: a real mismatch
+    bad = ref.clone()
+    bad[:, 0] = 64  # out of range
+    assert routing_near_ties(px, py, ref, bad, 1e9)[0].all() and not routing_near_ties(px, py, ref, bad, 1e9)[1].any()
 
 
 CONFIGS = list(
@@ -103,6 +122,30 @@ def test_layer_k_above_grid_side_and_k_equals_n(K, N):
 def test_shared_mlp_disabled_has_no_shared_weights():
     layer = make_layer(inter=0)
     assert not any(k.startswith(("gate_proj", "up_proj", "down_proj")) for k in layer.state_dict())
+
+
+def test_inference_router_matches_per_axis_and_follows_weight_updates():
+    # Eval inference concatenates both axes' router weights (cached); it must equal the per-axis
+    # ops autograd uses, and notice in-place weight and statistics updates.
+    layer = make_layer().eval()
+    x = torch.randn(9, 24)
+    per_axis = lambda: [t.detach() for t in layer.router_log_probs(x)]  # noqa: E731 (grad on: per-axis path)
+    with torch.no_grad():
+        fused = layer.router_log_probs(x)
+    for a, b in zip(fused, per_axis()):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+    with torch.no_grad():
+        layer.router_gate_y.weight.mul_(2)
+        layer.router_norm_x.running_var.mul_(3)
+        fused = layer.router_log_probs(x)
+    for a, b in zip(fused, per_axis()):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+    with torch.inference_mode():  # inference tensors carry no version counter: rebuilt, same values
+        frozen = make_layer()
+        frozen.load_state_dict(layer.state_dict())
+        frozen.eval()
+        for a, b in zip(frozen.router_log_probs(x), fused):
+            torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
 
 
 def test_empty_and_single_token():
