@@ -82,31 +82,41 @@ class OmniMoELayer(nn.Module):
             # Per-axis standard ops: what the ONNX graph holds, and what autograd / batch statistics need.
             return (self._router_log_probs(self.router_gate_x(x), norm_x),
                     self._router_log_probs(self.router_gate_y(x), norm_y))
-        # Inference: both axes in one GEMM, one batch-norm and one log-softmax (4 kernels, not 14).
-        w, stats = self._router_inference_params()
-        logits = F.linear(x, w).float()
-        if stats is not None:
-            logits = F.batch_norm(logits, stats[0], stats[1], training=False, eps=self.config.norm_eps)
+        # Inference: both axes in one GEMM, one normalisation (float32 out) and one log-softmax:
+        # 3 kernels, not 14.
+        w, norm_affine = self._router_inference_params()
+        logits = F.linear(x, w)
+        if norm_affine is not None:
+            scale, shift = norm_affine  # (l - mean) / sqrt(var + eps) = l * scale + shift
+            logits = torch.addcmul(shift, logits, scale)
+        else:
+            logits = logits.float()
         log_probs = torch.log_softmax(logits.view(x.shape[0], 2, self.config.grid_side), dim=-1)
         return log_probs[:, 0], log_probs[:, 1]
 
     def _router_inference_params(self) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor] | None]:
-        """Router weights [2s, d] and batch-norm (mean, var) [2s] of both axes, concatenated.
+        """Router weights [2s, d] and the eval batch-norm as float32 (scale, shift) [2s], both axes
+        concatenated.
 
         Cached while no source tensor changes (data pointer and version counter); inference tensors
-        track no version, so for them it is rebuilt each call (same values, three more kernels)."""
+        track no version, so for them it is rebuilt each call (same values, a few more kernels)."""
         srcs = [self.router_gate_x.weight, self.router_gate_y.weight]
         if self.config.router_norm == "batchnorm":
             nx, ny = self.router_norm_x, self.router_norm_y
             srcs += [nx.running_mean, ny.running_mean, nx.running_var, ny.running_var]
         trackable = not any(t.is_inference() for t in srcs)
         key = tuple((t.data_ptr(), t._version, t.device, t.dtype) for t in srcs) if trackable else None
+        if key is not None and len(srcs) > 2:
+            key += (nx.eps, ny.eps)
         cache = self.__dict__.get("_router_cache")
         if key is None or cache is None or cache[0] != key:
             with torch.no_grad():
                 w = torch.cat(srcs[:2])
-                stats = (torch.cat(srcs[2:4]).float(), torch.cat(srcs[4:6]).float()) if len(srcs) > 2 else None
-            cache = (key, w, stats)
+                affine = None
+                if len(srcs) > 2:
+                    scale = torch.cat([torch.rsqrt(n.running_var.float() + n.eps) for n in (nx, ny)])
+                    affine = (scale, -torch.cat(srcs[2:4]).float() * scale)
+            cache = (key, w, affine)
             if key is not None:
                 self.__dict__["_router_cache"] = cache
         return cache[1], cache[2]
