@@ -100,22 +100,21 @@ class OmniMoELayer(nn.Module):
 
         Cached while no source tensor changes (data pointer and version counter); inference tensors
         track no version, so for them it is rebuilt each call (same values, a few more kernels)."""
-        srcs = [self.router_gate_x.weight, self.router_gate_y.weight]
-        if self.config.router_norm == "batchnorm":
-            nx, ny = self.router_norm_x, self.router_norm_y
-            srcs += [nx.running_mean, ny.running_mean, nx.running_var, ny.running_var]
+        weights = [self.router_gate_x.weight, self.router_gate_y.weight]
+        norms = (self.router_norm_x, self.router_norm_y) if self.config.router_norm == "batchnorm" else ()
+        srcs = weights + [n.running_mean for n in norms] + [n.running_var for n in norms]
         trackable = not any(t.is_inference() for t in srcs)
-        key = tuple((t.data_ptr(), t._version, t.device, t.dtype) for t in srcs) if trackable else None
-        if key is not None and len(srcs) > 2:
-            key += (nx.eps, ny.eps)
+        key = None
+        if trackable:
+            key = tuple((t.data_ptr(), t._version, t.device, t.dtype) for t in srcs) + tuple(n.eps for n in norms)
         cache = self.__dict__.get("_router_cache")
         if key is None or cache is None or cache[0] != key:
             with torch.no_grad():
-                w = torch.cat(srcs[:2])
+                w = torch.cat(weights)
                 affine = None
-                if len(srcs) > 2:
-                    scale = torch.cat([torch.rsqrt(n.running_var.float() + n.eps) for n in (nx, ny)])
-                    affine = (scale, -torch.cat(srcs[2:4]).float() * scale)
+                if norms:
+                    scale = torch.cat([torch.rsqrt(n.running_var.float() + n.eps) for n in norms])
+                    affine = (scale, -torch.cat([n.running_mean.float() for n in norms]) * scale)
             cache = (key, w, affine)
             if key is not None:
                 self.__dict__["_router_cache"] = cache

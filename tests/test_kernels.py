@@ -133,7 +133,7 @@ def _expert_case(T, d, N, K, act, schedule, prealloc=False, dups=False, seed=0):
 
 
 def _layer_case(gate, act, router_norm="batchnorm", inter=16):
-    """The whole triton-backend layer (fused router glue and SwiGLU included) vs the reference."""
+    """The whole triton-backend layer (fused SwiGLU product and residual add included) vs the reference."""
     from omnimoe.config import OmniMoEConfig
     from omnimoe.layer import OmniMoELayer
 
