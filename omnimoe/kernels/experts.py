@@ -220,12 +220,28 @@ def use_expert_centric(T: int, K: int, N: int) -> bool:
     return T >= EXPERT_CENTRIC_MIN_TOKENS and T * K >= EXPERT_CENTRIC_MIN_REUSE * N
 
 
+# Block of the counting sort's histogram and scatter kernels (pairs per program).
+_SORT_BLOCK = 1024
+# Block of the single-program scan over the per-block totals.
+_SCAN_TOP_BLOCK = 1024
+
+
+def token_centric_config(hidden_size: int, top_k: int, act: int, h_given: bool) -> dict:
+    """Constexprs + num_warps of `_token_centric_kernel` (one place; the native plugins compile it)."""
+    block_d = next_pow2(int(hidden_size))
+    block_k = max(2, min(next_pow2(int(top_k)), max(2, 16384 // block_d)))
+    return dict(ACT=act, BLOCK_D=block_d, BLOCK_K=block_k, H_GIVEN=h_given, num_warps=4 if block_d <= 512 else 8)
+
+
+def expert_tile_config(fp32: bool, act: int, store_h: bool) -> dict:
+    """Constexprs + num_warps of `_expert_tile_kernel` (one place; the native plugins compile it)."""
+    return dict(ACT=act, BE=_EC_BE, BM=_EC_BM, BD=_EC_BD, SCAN_BLOCK=_SCAN_BLOCK,
+                IEEE=fp32, SPLIT=not fp32, STORE_H=store_h, num_warps=4)
+
+
 def _launch_token_centric(x, up, down, g, indices, out, D, K, N, act, h_given):
-    block_d = next_pow2(D)
-    block_k = max(2, min(next_pow2(K), max(2, 16384 // block_d)))
     _token_centric_kernel[(x.shape[0],)](
-        x, up, down, g, indices, out, D, K, N,
-        ACT=act, BLOCK_D=block_d, BLOCK_K=block_k, H_GIVEN=h_given, num_warps=4 if block_d <= 512 else 8,
+        x, up, down, g, indices, out, D, K, N, **token_centric_config(D, K, act, h_given)
     )
 
 
@@ -280,10 +296,10 @@ def expert_grouped_matmul_triton(
     rank = carver.take(tk, torch.int32)
     sorted_pairs = carver.take(tk, torch.int32)
     counts.zero_()
-    blk = 1024
+    blk = _SORT_BLOCK
     _histogram_kernel[(triton.cdiv(tk, blk),)](indices, counts, rank, tk, N, BLOCK=blk)
     _scan_blocks_kernel[(nb,)](counts, offsets, block_sums, n1, BLOCK=_SCAN_BLOCK)
-    _scan_top_kernel[(1,)](block_sums, nb, BLOCK=1024)
+    _scan_top_kernel[(1,)](block_sums, nb, BLOCK=_SCAN_TOP_BLOCK)
     _scatter_kernel[(triton.cdiv(tk, blk),)](indices, rank, offsets, block_sums, sorted_pairs, tk, N,
                                             SCAN_BLOCK=_SCAN_BLOCK, BLOCK=blk)
     fp32 = x.dtype == torch.float32
@@ -296,8 +312,7 @@ def expert_grouped_matmul_triton(
         target.zero_()
     _expert_tile_kernel[(triton.cdiv(N, _EC_BE),)](
         x, up, down, gates, indices, sorted_pairs, offsets, block_sums, target, D, K, N,
-        ACT=act, BE=_EC_BE, BM=_EC_BM, BD=_EC_BD, SCAN_BLOCK=_SCAN_BLOCK,
-        IEEE=fp32, SPLIT=not fp32, STORE_H=hybrid, num_warps=4,
+        **expert_tile_config(fp32, act, hybrid),
     )
     if hybrid:
         _launch_token_centric(x, up, down, target, indices, out, D, K, N, act, h_given=True)

@@ -285,6 +285,27 @@ def _small_num_warps(s: int, ka: int) -> int:
 SMALL_K_MAX = 64
 
 
+def topk_kernel_config(grid_side: int, top_k: int, gate: str):
+    """(kernel, constexprs + num_warps) that `product_key_topk_triton` launches for (s, K, gate).
+
+    The one place these choices live: the native TensorRT plugins compile the same variant ahead
+    of time from it (trt_plugins/native)."""
+    s, K = int(grid_side), int(top_k)
+    ka = min(K, s)
+    common = dict(SOFTMAX=(gate == "softmax"), BLOCK_S=max(16, next_pow2(s)), BLOCK_A=max(16, next_pow2(ka)),
+                  BLOCK_K=max(16, next_pow2(K)))
+    if K <= SMALL_K_MAX:
+        return _product_key_topk_small_kernel, dict(common, num_warps=_small_num_warps(s, ka))
+    block_k = common["BLOCK_K"]
+    return _product_key_topk_kernel, dict(
+        common,
+        CHUNK=min(block_k, 512),
+        STEPS_A=max(1, math.ceil(math.log2(ka + 1))),
+        STEPS_N=max(1, math.ceil(math.log2(s * s + 1))),
+        num_warps=4 if max(block_k, next_pow2(s)) <= 256 else 8,
+    )
+
+
 def topk_workspace_bytes(max_tokens: int, grid_side: int, top_k: int) -> int:
     """Scratch for `product_key_topk_triton`: none for K <= 64, else 7 int32 words per token per
     kept axis rank."""
@@ -326,28 +347,17 @@ def product_key_topk_triton(
     if K > 4096:
         raise ops.OmniMoEInputError(f"the Triton router supports top_k <= 4096, got {K}")
     ka = min(K, s)
+    kernel, meta = topk_kernel_config(s, K, gate)
     if K <= SMALL_K_MAX:
-        _product_key_topk_small_kernel[(T,)](
+        kernel[(T,)](
             log_probs_x, log_probs_y, gates_out, indices_out,
-            s, K, ka, log_probs_x.stride(0), log_probs_y.stride(0),
-            SOFTMAX=(gate == "softmax"), BLOCK_S=max(16, next_pow2(s)), BLOCK_A=max(16, next_pow2(ka)),
-            BLOCK_K=max(16, next_pow2(K)), num_warps=_small_num_warps(s, ka),
+            s, K, ka, log_probs_x.stride(0), log_probs_y.stride(0), **meta,
         )
         return gates_out, indices_out
     carver = Carver(workspace, topk_workspace_bytes(T, s, K), dev)
     ws = carver.take(T * _WS_ROWS * ka, torch.int32)
-    block_k = max(16, next_pow2(K))
-    num_warps = 4 if max(block_k, next_pow2(s)) <= 256 else 8
-    _product_key_topk_kernel[(T,)](
+    kernel[(T,)](
         log_probs_x, log_probs_y, gates_out, indices_out, ws.view(torch.float32), ws,
-        s, K, ka, log_probs_x.stride(0), log_probs_y.stride(0),
-        SOFTMAX=(gate == "softmax"),
-        BLOCK_S=max(16, next_pow2(s)),
-        BLOCK_A=max(16, next_pow2(ka)),
-        BLOCK_K=block_k,
-        CHUNK=min(block_k, 512),
-        STEPS_A=max(1, math.ceil(math.log2(ka + 1))),
-        STEPS_N=max(1, math.ceil(math.log2(s * s + 1))),
-        num_warps=num_warps,
+        s, K, ka, log_probs_x.stride(0), log_probs_y.stride(0), **meta,
     )
     return gates_out, indices_out
