@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 import os
 import time
 from pathlib import Path
@@ -30,6 +31,7 @@ from typing import Iterator, Sequence
 import torch
 import torch.nn as nn
 
+import omnimoe
 from omnimoe.atomic import atomic_files
 from omnimoe.errors import OmniMoEInputError
 from omnimoe.layer import OmniMoELayer
@@ -53,6 +55,8 @@ _PROGRESS_MIN_BYTES = 256 << 20
 # Written into the model's metadata_props so later commands know what they hold.
 METADATA_OPS = "omnimoe.ops"
 METADATA_DTYPE = "omnimoe.dtype"
+METADATA_VERSION = "omnimoe.version"
+METADATA_CONFIG = "omnimoe.config"  # the checkpoint's config.json, as JSON
 
 
 @dataclasses.dataclass
@@ -239,6 +243,26 @@ def _check_custom_nodes(ir_model, ops: str, has_omnimoe_layers: bool) -> None:
             raise RuntimeError(f"plugin export has {topk} top-K and {experts} expert nodes; expected one pair per layer")
 
 
+def _strip_exporter_metadata(ir_model) -> None:
+    """Drop the exporter's debugging metadata (stack traces with the exporting machine's file
+    paths, FX node dumps, name scopes, the ExportedProgram signature) from the model, its graphs,
+    functions, nodes and values: none of it is needed to run the model, and users ship the file."""
+    ir_model.metadata_props.clear()
+    ir_model.doc_string = None
+    graphs = [ir_model.graph, *ir_model.functions.values()]
+    for graph in graphs:
+        graph.metadata_props.clear()
+        for node in ir_model.graph.all_nodes() if graph is ir_model.graph else graph:
+            node.metadata_props.clear()
+            node.doc_string = None
+            for value in node.outputs:
+                value.metadata_props.clear()
+                value.doc_string = None
+        for value in list(graph.inputs) + list(getattr(graph, "initializers", {}).values()):
+            value.metadata_props.clear()
+            value.doc_string = None
+
+
 def _tensor_nbytes(tensor) -> int:
     return int(tensor.nbytes)
 
@@ -384,8 +408,12 @@ def export_onnx(
             ir_model = program.model
             _check_custom_nodes(ir_model, ops, any(isinstance(m, OmniMoELayer) for m in model.modules()))
             graph_dtype = name or _weights_dtype_name(model)
+            _strip_exporter_metadata(ir_model)
             ir_model.metadata_props[METADATA_OPS] = ops
             ir_model.metadata_props[METADATA_DTYPE] = graph_dtype
+            ir_model.metadata_props[METADATA_VERSION] = omnimoe.__version__
+            if callable(getattr(getattr(model, "config", None), "to_dict", None)):
+                ir_model.metadata_props[METADATA_CONFIG] = json.dumps(model.config.to_dict(), sort_keys=True)
             init_bytes = sum(
                 _tensor_nbytes(v.const_value) for v in ir_model.graph.initializers.values() if v.const_value is not None
             )

@@ -64,6 +64,19 @@ EXPERT_GROUPED_MATMUL = OpDecl(
 
 OPS = (PRODUCT_KEY_TOPK, EXPERT_GROUPED_MATMUL)
 
+# Attributes every exported custom node carries besides its op's own. They identify the plugin to
+# TensorRT's ONNX parser (TensorRT 10.3 on JetPack 6 looks plugins up by `plugin_namespace`), and
+# are NOT op parameters: they never reach the plugins' field lists, which are `OpDecl.attributes`.
+NODE_ONLY_ATTRIBUTES = (Attribute("plugin_namespace", "string", (DOMAIN,)),)
+
+
+def node_attributes(op: OpDecl, **values) -> dict:
+    """The attributes of an exported `op` node: the op's own (`values`, exactly the declared
+    names) plus NODE_ONLY_ATTRIBUTES at their one allowed value."""
+    if set(values) != set(op.attribute_names):
+        raise ValueError(f"{op.op_type} takes attributes {op.attribute_names}, got {sorted(values)}")
+    return {**values, **{a.name: a.allowed[0] for a in NODE_ONLY_ATTRIBUTES}}
+
 
 def _to_onnx_schema(op: OpDecl) -> defs.OpSchema:
     attr_type = {"int": defs.OpSchema.AttrType.INT, "string": defs.OpSchema.AttrType.STRING}
@@ -75,7 +88,8 @@ def _to_onnx_schema(op: OpDecl) -> defs.OpSchema:
         inputs=[defs.OpSchema.FormalParameter(n, t) for n, t in op.inputs],
         outputs=[defs.OpSchema.FormalParameter(n, t) for n, t in op.outputs],
         type_constraints=[(name, list(types), "") for name, types in op.type_constraints],
-        attributes=[defs.OpSchema.Attribute(a.name, attr_type[a.kind], "", required=True) for a in op.attributes],
+        attributes=[defs.OpSchema.Attribute(a.name, attr_type[a.kind], "", required=True) for a in op.attributes]
+        + [defs.OpSchema.Attribute(a.name, attr_type[a.kind], "", required=False) for a in NODE_ONLY_ATTRIBUTES],
     )
 
 
@@ -101,7 +115,7 @@ _IR_ATTR_KINDS = {"int": "INT", "string": "STRING"}
 def check_ir_node(node) -> None:
     """Raise ValueError unless an onnx_ir node in DOMAIN matches its declaration exactly
     (known op type, version, input/output counts, every declared attribute with its type and
-    allowed value, and no other attribute)."""
+    allowed value, the NODE_ONLY_ATTRIBUTES, and no other attribute)."""
     if node.domain != DOMAIN:
         raise ValueError(f"{node.op_type}: domain {node.domain!r}, expected {DOMAIN!r}")
     try:
@@ -113,9 +127,10 @@ def check_ir_node(node) -> None:
             f"{decl.op_type}: {len(node.inputs)} inputs / {len(node.outputs)} outputs, "
             f"expected {len(decl.inputs)} / {len(decl.outputs)}"
         )
-    if set(node.attributes) != set(decl.attribute_names):
-        raise ValueError(f"{decl.op_type}: attributes {sorted(node.attributes)}, expected {decl.attribute_names}")
-    for attr in decl.attributes:
+    expected = decl.attribute_names + [a.name for a in NODE_ONLY_ATTRIBUTES]
+    if set(node.attributes) != set(expected):
+        raise ValueError(f"{decl.op_type}: attributes {sorted(node.attributes)}, expected {expected}")
+    for attr in decl.attributes + NODE_ONLY_ATTRIBUTES:
         value = node.attributes[attr.name]
         if value.type.name != _IR_ATTR_KINDS[attr.kind]:
             raise ValueError(f"{decl.op_type}.{attr.name}: attribute type {value.type.name}, expected {attr.kind}")

@@ -4,7 +4,8 @@ Two tables map `torch.ops.omnimoe.*` to onnxscript functions (trace-only: plain 
 emits ONNX nodes when the exporter calls it):
 
 - `PLUGIN_TRANSLATIONS`: exactly one node per op, the SPEC §3 custom ops in domain `omnimoe`
-  (names, attributes and output counts read from `export.schemas`). TensorRT plugins and the
+  (names, attributes and output counts read from `export.schemas`), each also carrying
+  `plugin_namespace="omnimoe"` for TensorRT's parser. TensorRT plugins and the
   onnxruntime-extensions ops implement them.
 - `STANDARD_TRANSLATIONS`: the standard-op twin, only default-domain ONNX ops (TopK, Gather,
   GatherElements, MatMul, ...) that compute the same outputs, so any runtime runs the model.
@@ -26,28 +27,20 @@ from . import schemas
 _omnimoe = onnxscript.values.Opset(schemas.DOMAIN, schemas.OPSET_VERSION)
 
 
-def _attrs(decl: schemas.OpDecl, **values) -> dict:
-    """Every attribute the schema declares, and nothing else (the ORT ops and the TensorRT
-    plugins require each declared attribute on the node)."""
-    if set(values) != set(decl.attribute_names):
-        raise ValueError(f"{decl.op_type} takes attributes {decl.attribute_names}, got {sorted(values)}")
-    return values
-
-
 # --- plugin graph: the SPEC §3 custom nodes ----------------------------------------------------
 
 
 def product_key_topk_plugin(log_probs_x, log_probs_y, top_k: int, gate: str):
     decl = schemas.PRODUCT_KEY_TOPK
     gates, indices = getattr(_omnimoe, decl.op_type)(
-        log_probs_x, log_probs_y, **_attrs(decl, top_k=int(top_k), gate=str(gate)), _outputs=len(decl.outputs)
+        log_probs_x, log_probs_y, **schemas.node_attributes(decl, top_k=int(top_k), gate=str(gate)), _outputs=len(decl.outputs)
     )
     return gates, indices
 
 
 def expert_grouped_matmul_plugin(x, up, down, gates, indices, activation: str):
     decl = schemas.EXPERT_GROUPED_MATMUL
-    return getattr(_omnimoe, decl.op_type)(x, up, down, gates, indices, **_attrs(decl, activation=str(activation)))
+    return getattr(_omnimoe, decl.op_type)(x, up, down, gates, indices, **schemas.node_attributes(decl, activation=str(activation)))
 
 
 # --- standard-op twin ---------------------------------------------------------------------------

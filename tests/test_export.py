@@ -135,7 +135,8 @@ def check_plugin_nodes(path: Path, layers: list[tuple[str, OmniMoEConfig]]) -> N
     types = _value_types(path)
     for (prefix, config), topk, experts in zip(layers, custom[0::2], custom[1::2]):
         attrs = {a.name: a for a in topk.attribute}
-        assert set(attrs) == {"top_k", "gate"}
+        assert set(attrs) == {"top_k", "gate", "plugin_namespace"}
+        assert attrs["plugin_namespace"].s == b"omnimoe"  # TensorRT 10.3's parser looks plugins up by it
         assert attrs["top_k"].type == onnx.AttributeProto.INT and attrs["top_k"].i == config.top_k
         assert attrs["gate"].type == onnx.AttributeProto.STRING and attrs["gate"].s.decode() == config.gate
         assert len(topk.input) == 2 and len(topk.output) == 2
@@ -144,7 +145,8 @@ def check_plugin_nodes(path: Path, layers: list[tuple[str, OmniMoEConfig]]) -> N
         assert types[topk.output[1]] == onnx.TensorProto.INT32
 
         attrs = {a.name: a for a in experts.attribute}
-        assert set(attrs) == {"activation"}
+        assert set(attrs) == {"activation", "plugin_namespace"}
+        assert attrs["plugin_namespace"].s == b"omnimoe"
         assert attrs["activation"].type == onnx.AttributeProto.STRING
         assert attrs["activation"].s.decode() == config.hidden_act
         assert len(experts.input) == 5 and len(experts.output) == 1
