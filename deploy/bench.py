@@ -20,6 +20,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--onnx", action="append", default=[], metavar="MODEL.onnx", help="ONNX model(s) made from the checkpoint")
     parser.add_argument("--engine", metavar="MODEL.engine", help="TensorRT engine for the trt runner")
     parser.add_argument("--runners", help="comma-separated (default: every runner available here)")
+    parser.add_argument("--providers", metavar="cuda,tensorrt,cpu",
+                        help="ONNX Runtime execution providers, in priority order (default cpu)")
     parser.add_argument("--tokens", type=int, default=128, help="sequence length (default 128)")
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--warmup", type=int, default=3)
@@ -49,17 +51,20 @@ def run(args: argparse.Namespace) -> int:
     from rich.table import Table
 
     from deploy import runners as R
+    from export.ort import resolve_providers
     from omnimoe.atomic import atomic_path
     from omnimoe.errors import OmniMoEInputError
 
     if args.iters < 1 or args.warmup < 0:
         raise OmniMoEInputError("--iters must be >= 1 and --warmup >= 0")
     console = Console(stderr=True)
+    providers = resolve_providers(args.providers)
     results = []
     with contextlib.ExitStack() as stack:
         setup = R.open_target(Path(args.target), [Path(p) for p in args.onnx])
         names = R.parse_runner_names(args.runners) or available_runners(setup, args.engine)
-        runners = R.build_runners(setup, names, engine=args.engine, stack=stack, log=console.print, report_routing=False)
+        runners = R.build_runners(setup, names, engine=args.engine, stack=stack, log=console.print, report_routing=False,
+                                  providers=providers)
         feed = {setup.input_name: R.make_input(setup, None, args.tokens, args.batch, seed=0)}
         tokens = args.tokens * args.batch
         for runner in runners:
@@ -89,7 +94,7 @@ def run(args: argparse.Namespace) -> int:
     if args.json:
         import torch
 
-        doc = {"target": str(args.target), "batch": args.batch, "tokens": args.tokens, "iters": args.iters,
+        doc = {"target": str(args.target), "providers": providers, "batch": args.batch, "tokens": args.tokens, "iters": args.iters,
                "warmup": args.warmup, "machine": platform.processor() or platform.machine(),
                "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
                "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"), "results": results}

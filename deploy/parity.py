@@ -172,6 +172,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--onnx", metavar="MODEL.onnx", action="append", default=[],
                         help="with a checkpoint: compare it against this ONNX model made from it (repeatable)")
     parser.add_argument("--engine", metavar="MODEL.engine", help="serialized TensorRT engine for the trt runner")
+    parser.add_argument("--providers", metavar="cuda,tensorrt,cpu",
+                        help="ONNX Runtime execution providers, in priority order (default cpu)")
     parser.add_argument(
         "--runners",
         help="comma-separated, first is the reference: torch, onnxrt (standard-op graph), onnxrt-plugin (custom-op graph), "
@@ -202,16 +204,19 @@ def run(args: argparse.Namespace) -> int:
     from rich.table import Table
 
     from deploy import runners as R
+    from export.ort import resolve_providers
     from omnimoe.atomic import atomic_path
     from omnimoe.errors import OmniMoEInputError
 
     console = Console(stderr=True)
     G_LOGGER.module_severity = G_LOGGER.ERROR  # our own table is the summary
     requested = R.parse_runner_names(args.runners)
+    providers = resolve_providers(args.providers)
 
     with contextlib.ExitStack() as stack:
         setup = R.open_target(Path(args.target), [Path(p) for p in args.onnx])
-        runner_objs = R.build_runners(setup, requested, engine=args.engine, stack=stack, log=console.print)
+        runner_objs = R.build_runners(setup, requested, engine=args.engine, stack=stack, log=console.print,
+                                      providers=providers)
         feed = R.make_input(setup, args.input, args.tokens, args.batch, args.seed)
         input_name, output_name, model_dtype = setup.input_name, setup.output_name, setup.dtype
         nonfinite = R.count_nonfinite(feed)

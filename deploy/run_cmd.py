@@ -25,6 +25,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("-o", "--output", required=True, metavar="Y.npy|Y.npz")
     parser.add_argument("--backend", choices=("reference", "triton"), default="reference",
                         help="checkpoints only: triton runs the fused kernels on a CUDA GPU")
+    parser.add_argument("--providers", metavar="cuda,tensorrt,cpu",
+                        help="ONNX Runtime execution providers, in priority order for ONNX models (default cpu)")
 
 
 def _warn_nonfinite(x: np.ndarray, what: str) -> None:
@@ -47,11 +49,13 @@ def _check_engine_profile(runner, path: Path, name: str, x: np.ndarray) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from deploy import runners as R
+    from export.ort import resolve_providers
     from omnimoe.atomic import atomic_path
 
     target, out = Path(args.target), Path(args.output)
     if out.suffix not in (".npy", ".npz"):
         raise OmniMoEInputError(f"{out}: the output file must end in .npy or .npz")
+    providers = resolve_providers(args.providers)
     with contextlib.ExitStack() as stack:
         if target.suffix in ENGINE_SUFFIXES:
             if not target.is_file():
@@ -64,7 +68,7 @@ def run(args: argparse.Namespace) -> int:
         else:
             setup = R.open_target(target)
             names = ["torch-triton" if args.backend == "triton" else "torch"] if setup.model is not None else None
-            (runner,) = R.build_runners(setup, names, stack=stack)
+            (runner,) = R.build_runners(setup, names, stack=stack, providers=providers)
             name, output_name = setup.input_name, setup.output_name
             x = R.check_input(setup, R.load_array(args.input, name))
             stack.enter_context(runner)

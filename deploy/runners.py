@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import os
 import tempfile
 import time
 from collections import OrderedDict
@@ -20,12 +19,11 @@ import torch
 from polygraphy.backend.base import BaseRunner
 from polygraphy.common import TensorMetadata
 
+from export.ort import ROUTING_PREFIX  # routing.<layer>.<what>
 from omnimoe import ops
 from omnimoe.errors import OmniMoEInputError
 from omnimoe.layer import OmniMoELayer
 from omnimoe.models import TinyOmniLM
-
-ROUTING_PREFIX = "routing."
 
 
 def model_io(model) -> tuple[str, str]:
@@ -117,41 +115,14 @@ def is_plugin_graph(onnx_model) -> bool:
     return any(n.domain == schemas.DOMAIN for n in onnx_model.graph.node)
 
 
-@contextlib.contextmanager
-def with_routing_outputs(path: Path):
-    """A copy of a plugin-graph ONNX file whose OmniProductKeyTopK indices are also graph outputs.
-
-    Written next to the original (external data is referenced relatively) and removed afterwards.
-    """
-    import onnx
-    from onnx import helper
-
-    from export import schemas
-
-    model = onnx.load(str(path), load_external_data=False)
-    topk_nodes = [n for n in model.graph.node if n.op_type == schemas.PRODUCT_KEY_TOPK.op_type]
-    if not topk_nodes:
-        yield path
-        return
-    for index, node in enumerate(topk_nodes):
-        name = f"{ROUTING_PREFIX}{index}.indices"
-        model.graph.node.append(helper.make_node("Identity", [node.output[1]], [name]))
-        model.graph.output.append(helper.make_tensor_value_info(name, onnx.TensorProto.INT32, None))
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.routing.", suffix=".onnx", dir=path.parent)
-    os.close(fd)
-    try:
-        onnx.save(model, tmp)
-        yield Path(tmp)
-    finally:
-        os.unlink(tmp)
-
-
-def onnxrt_runner(path: Path, name: str, providers=None):
+def onnxrt_runner(path: Path, name: str, providers=None, routing_outputs: bool = False):
+    """polygraphy's OnnxrtRunner; with routing_outputs, a plugin graph also yields
+    `routing.<i>.indices` (added to the graph in memory; the model's directory is not written)."""
     from polygraphy.backend.onnxrt import OnnxrtRunner
 
     from export.ort import ort_session
 
-    return OnnxrtRunner(lambda: ort_session(path, providers=providers), name=name)
+    return OnnxrtRunner(lambda: ort_session(path, providers=providers, routing_outputs=routing_outputs), name=name)
 
 
 def trt_runner(engine_path: Path, name: str = "trt"):
@@ -272,12 +243,14 @@ def open_target(target: Path, onnx_paths=()) -> Target:
     return setup
 
 
-def build_runners(setup: Target, requested, *, engine=None, stack: contextlib.ExitStack, log=print, report_routing=True) -> list:
+def build_runners(setup: Target, requested, *, engine=None, stack: contextlib.ExitStack, log=print, report_routing=True,
+                  providers=None) -> list:
     """Runner objects in order (the first is the reference).
 
     Default: for a checkpoint, torch plus the given ONNX files, or torch + both exported graphs
     when none is given; for an ONNX file, that file. A named onnxrt* runner means the given file(s)
     when there are any, else a graph exported from the checkpoint into a temporary directory.
+    providers: ONNX Runtime execution providers for the onnxrt* runners (default CPU).
     """
     if requested is None:
         names = (["torch"] if setup.model is not None else []) + (
@@ -317,9 +290,7 @@ def build_runners(setup: Target, requested, *, engine=None, stack: contextlib.Ex
                 log(f"exporting the {ops_kind}-op graph for {name} ...")
                 export_onnx(setup.model, path, example_inputs=inputs, ops=ops_kind, input_names=in_names,
                             output_names=out_names, dynamic_shapes=dynamic, progress=False)
-            if name.startswith("onnxrt-plugin") and report_routing:
-                path = stack.enter_context(with_routing_outputs(path))
-            runners.append(onnxrt_runner(path, name))
+            runners.append(onnxrt_runner(path, name, providers, routing_outputs=report_routing and name.startswith("onnxrt-plugin")))
         elif name == "trt":
             if not engine:
                 raise OmniMoEInputError("the trt runner needs --engine MODEL.engine")

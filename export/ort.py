@@ -154,11 +154,59 @@ def _compact_expert_operands(model) -> bool:
     return bool(changed)
 
 
-def ort_session(path: str | os.PathLike, providers: list | None = None, session_options=None):
+# Names of the OmniProductKeyTopK indices exposed as extra outputs (`routing_outputs=True`).
+ROUTING_PREFIX = "routing."
+
+# `--providers` short names -> ONNX Runtime execution providers.
+PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider", "tensorrt": "TensorrtExecutionProvider"}
+
+
+def resolve_providers(text: str | None) -> list[str]:
+    """`cuda,tensorrt,cpu` (or ONNX Runtime's own names) -> execution providers, in priority
+    order; default CPU. Refuses, in one line, providers the installed onnxruntime lacks."""
+    import onnxruntime as ort
+
+    if not text:
+        return [PROVIDERS["cpu"]]
+    names = [p.strip() for p in text.split(",") if p.strip()]
+    if not names:
+        raise OmniMoEInputError("--providers: give at least one of " + ", ".join(PROVIDERS))
+    available = ort.get_available_providers()
+    providers = []
+    for name in names:
+        provider = PROVIDERS.get(name.lower(), name)
+        if provider not in ort.get_all_providers():
+            raise OmniMoEInputError(f"--providers: unknown provider {name!r}; choose from {', '.join(PROVIDERS)}")
+        if provider not in available:
+            hint = "; install onnxruntime-gpu" if provider in (PROVIDERS["cuda"], PROVIDERS["tensorrt"]) else ""
+            raise OmniMoEInputError(
+                f"--providers: the installed onnxruntime {ort.__version__} has no {provider} "
+                f"(available: {', '.join(available)}){hint}"
+            )
+        if provider not in providers:
+            providers.append(provider)
+    return providers
+
+
+def _add_routing_outputs(model) -> bool:
+    """Expose each OmniProductKeyTopK's indices as graph output `routing.<i>.indices` (in place)."""
+    from onnx import TensorProto, helper
+
+    topk_nodes = [n for n in model.graph.node if n.domain == schemas.DOMAIN and n.op_type == schemas.PRODUCT_KEY_TOPK.op_type]
+    for index, node in enumerate(topk_nodes):
+        name = f"{ROUTING_PREFIX}{index}.indices"
+        model.graph.node.append(helper.make_node("Identity", [node.output[1]], [name]))
+        model.graph.output.append(helper.make_tensor_value_info(name, TensorProto.INT32, None))
+    return bool(topk_nodes)
+
+
+def ort_session(path: str | os.PathLike, providers: list | None = None, session_options=None, routing_outputs: bool = False):
     """An onnxruntime.InferenceSession for an exported model, standard or plugin graph.
 
     providers: passed to ONNX Runtime (default: CPUExecutionProvider). Plugin graphs always
     get the onnxruntime-extensions library registered; their custom nodes run on the CPU.
+    routing_outputs: also output each OmniProductKeyTopK's indices as `routing.<i>.indices`
+    (plugin graphs). Graph rewrites happen in memory: nothing is written next to the model.
     """
     import onnx
     import onnxruntime as ort
@@ -170,14 +218,16 @@ def ort_session(path: str | os.PathLike, providers: list | None = None, session_
     providers = providers or ["CPUExecutionProvider"]
     # Graph structure only; external data (large tables) stays on disk for ORT to map.
     model = onnx.load(str(path), load_external_data=False)
-    if not _is_plugin_graph(model):
-        return ort.InferenceSession(str(path), sess_options=options, providers=providers)
+    rewritten = False
+    if _is_plugin_graph(model):
+        from onnxruntime_extensions import get_library_path
 
-    from onnxruntime_extensions import get_library_path
-
-    _register_custom_ops()
-    options.register_custom_ops_library(get_library_path())
-    if not _compact_expert_operands(model):
+        _register_custom_ops()
+        options.register_custom_ops_library(get_library_path())
+        rewritten = _compact_expert_operands(model)
+    if routing_outputs:
+        rewritten = _add_routing_outputs(model) or rewritten
+    if not rewritten:
         return ort.InferenceSession(str(path), sess_options=options, providers=providers)
     # Session from the rewritten bytes; external data resolves relative to the original file.
     options.add_session_config_entry(
