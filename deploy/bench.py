@@ -52,11 +52,13 @@ def run(args: argparse.Namespace) -> int:
 
     from deploy import runners as R
     from export.ort import resolve_providers
-    from omnimoe.atomic import atomic_path
+    from omnimoe.atomic import atomic_path, check_output
     from omnimoe.errors import OmniMoEInputError
 
     if args.iters < 1 or args.warmup < 0:
         raise OmniMoEInputError("--iters must be >= 1 and --warmup >= 0")
+    if args.json:
+        check_output(args.json, inputs=[args.target, *args.onnx, args.engine], what="--json file")
     console = Console(stderr=True)
     providers = resolve_providers(args.providers)
     results = []

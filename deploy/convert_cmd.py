@@ -18,13 +18,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "every matching layer is written to OUTPUT/<prefix>/ with an index OUTPUT/layers.json",
     )
     parser.add_argument("--allow-pickle", action="store_true", help="allow .pt/.bin (loaded with weights_only=True)")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="write into an existing non-empty OUTPUT, replacing only the files convert writes")
 
 
 def run(args: argparse.Namespace) -> int:
     from omnimoe.checkpoint import convert_upstream
 
     written = convert_upstream(
-        args.src, args.output, top_k=args.top_k, act=args.act, gate=args.gate, prefix=args.prefix, allow_pickle=args.allow_pickle
+        args.src, args.output, top_k=args.top_k, act=args.act, gate=args.gate, prefix=args.prefix, allow_pickle=args.allow_pickle,
+        overwrite=args.overwrite,
     )
     for path in written:
         print(f"wrote {path}")

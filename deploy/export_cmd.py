@@ -56,11 +56,11 @@ def run(args: argparse.Namespace) -> int:
 
     console = Console(stderr=True)
     check_opset(args.opset)
+    output = prepare_output(args.output)  # the output policy, before any work
     model = load_checkpoint(args.checkpoint)
     inputs, input_names, output_names, dynamic = example_inputs_for(model)
     external = {"auto": None, "always": True, "never": False}[args.external_data]
     check_external_data_choice(model, args.dtype, external)
-    output = prepare_output(args.output)
     console.print(f"exporting {args.checkpoint} ({type(model).__name__}) with {args.ops} ops, {args.dtype} ...")
     result = export_onnx(
         model,

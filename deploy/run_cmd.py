@@ -50,11 +50,12 @@ def _check_engine_profile(runner, path: Path, name: str, x: np.ndarray) -> None:
 def run(args: argparse.Namespace) -> int:
     from deploy import runners as R
     from export.ort import resolve_providers
-    from omnimoe.atomic import atomic_path
+    from omnimoe.atomic import atomic_path, check_output
 
     target, out = Path(args.target), Path(args.output)
     if out.suffix not in (".npy", ".npz"):
         raise OmniMoEInputError(f"{out}: the output file must end in .npy or .npz")
+    check_output(out, inputs=[args.input, target])
     providers = resolve_providers(args.providers)
     with contextlib.ExitStack() as stack:
         if target.suffix in ENGINE_SUFFIXES:

@@ -32,7 +32,7 @@ import torch
 import torch.nn as nn
 
 import omnimoe
-from omnimoe.atomic import atomic_files
+from omnimoe.atomic import atomic_files, check_output
 from omnimoe.errors import OmniMoEInputError
 from omnimoe.layer import OmniMoELayer
 
@@ -86,19 +86,13 @@ def dtype_name(dtype: str | torch.dtype | None) -> str | None:
     return dtype
 
 
-def prepare_output(path: str | os.PathLike) -> Path:
-    """Validate the output path and create its directory, before any slow work is done."""
+def prepare_output(path: str | os.PathLike, inputs=()) -> Path:
+    """Validate the output path (and its .data sidecar) by the output policy, before any slow work."""
     path = Path(path)
     if path.suffix != ".onnx":
         raise OmniMoEInputError(f"{path}: the output file must end in .onnx")
-    if path.is_dir():
-        raise OmniMoEInputError(f"{path}: is a directory")
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise OmniMoEInputError(f"{path.parent}: cannot create the output directory ({e.strerror or e})") from None
-    if not path.parent.is_dir() or not os.access(path.parent, os.W_OK):
-        raise OmniMoEInputError(f"{path.parent}: not a writable directory")
+    check_output(path, inputs=inputs, what="ONNX model")
+    check_output(path.with_name(path.name + ".data"), inputs=inputs, what="external-data file")
     return path
 
 
@@ -425,8 +419,10 @@ def export_onnx(
             data_path = path.with_name(path.name + ".data") if use_external else None
             finals = [path] + ([data_path] if data_path else [])
             t1 = time.perf_counter()
+            # A stale data file from an earlier external-data export would mislead.
+            stale = [] if data_path else [path.with_name(path.name + ".data")]
             try:
-                with atomic_files(finals) as tmp_paths:
+                with atomic_files(finals, stale=stale) as tmp_paths:
                     tmp_model = tmp_paths[0]
                     tmp_data = tmp_paths[1] if data_path else None
                     _save(ir_model, tmp_model, tmp_data, progress)
@@ -435,11 +431,6 @@ def export_onnx(
                     if check:
                         check_onnx_file(tmp_model)
                     check_seconds = time.perf_counter() - t2
-                    if data_path is None:
-                        # A stale data file from an earlier external-data export would mislead.
-                        stale = path.with_name(path.name + ".data")
-                        if stale.exists():
-                            stale.unlink()
             except OSError as e:  # unwritable directory, disk full: the user's to fix
                 raise OmniMoEInputError(f"{path}: cannot write ({e.strerror or e})") from None
             del program, ir_model

@@ -23,7 +23,7 @@ import torch.nn as nn
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from .atomic import atomic_path
+from .atomic import atomic_path, check_output
 from .config import OmniMoEConfig
 from .errors import OmniMoEInputError
 
@@ -32,6 +32,8 @@ WEIGHTS_FILE = "model.safetensors"
 _BN_COUNTER = "num_batches_tracked"
 # Checking finiteness row-block by row-block keeps the temporary bool mask small for huge tables.
 _FINITE_CHECK_ELEMENTS = 1 << 24
+# A config whose tensors exceed this cannot be a real checkpoint (x86-64 user address space is 128 TiB).
+MAX_WEIGHT_BYTES = 1 << 47
 
 
 # ---------------------------------------------------------------------------------------------
@@ -59,11 +61,15 @@ class _TensorSource:
             try:
                 state = torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
             except Exception as e:  # torch raises many types for corrupt/unsafe pickles
-                raise OmniMoEInputError(f"{path}: cannot load with weights_only=True ({type(e).__name__}: {e})") from None
+                first = (str(e).strip().splitlines() or [""])[0]  # the rest is torch's advice on weights_only
+                raise OmniMoEInputError(f"{path}: cannot load with weights_only=True ({type(e).__name__}: {first})") from None
             if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
                 state = state["state_dict"]
             if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
                 raise OmniMoEInputError(f"{path}: expected a state_dict of tensors")
+            bad_keys = [k for k in state if not isinstance(k, str)]
+            if bad_keys:
+                raise OmniMoEInputError(f"{path}: state_dict keys must be strings, found {type(bad_keys[0]).__name__} {bad_keys[0]!r:.40}")
             self._shapes = {k: tuple(v.shape) for k, v in state.items()}
             self._get = state.__getitem__
         else:
@@ -94,10 +100,25 @@ def _check_finite(name: str, t: torch.Tensor, where: Path) -> None:
             raise OmniMoEInputError(f"{where}: tensor {name!r} contains NaN or Inf")
 
 
+WEIGHT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def _check_dtype_and_range(name: str, key: str, t: torch.Tensor, where: Path) -> None:
+    """Weights are float32/float16/bfloat16; BatchNorm variances are >= 0."""
+    if name.endswith(_BN_COUNTER):
+        return
+    if t.dtype not in WEIGHT_DTYPES:
+        raise OmniMoEInputError(f"{where}: tensor {key!r} has dtype {str(t.dtype).removeprefix('torch.')}; "
+                                "weights must be float32, float16 or bfloat16")
+    if name.endswith("running_var") and bool((t < 0).any()):
+        raise OmniMoEInputError(f"{where}: tensor {key!r} (a BatchNorm variance) has negative values")
+
+
 def _load_validated(source: _TensorSource, expected: dict[str, tuple], key_of: dict[str, str]) -> dict[str, torch.Tensor]:
     """Load exactly the expected tensors (module name -> shape) from `source` (module name -> file key).
 
-    BatchNorm's `num_batches_tracked` may be absent (it does not affect inference).
+    BatchNorm's `num_batches_tracked` may be absent (it does not affect inference). Weights must be
+    floating point and of one dtype (BatchNorm statistics may be float32 in a float16/bfloat16 model).
     """
     missing = [n for n in expected if key_of[n] not in source and not n.endswith(_BN_COUNTER)]
     if missing:
@@ -111,8 +132,12 @@ def _load_validated(source: _TensorSource, expected: dict[str, tuple], key_of: d
         if source.shape(key) != shape:
             raise OmniMoEInputError(f"{source.path}: {key} has shape {list(source.shape(key))}, expected {list(shape)}")
         tensor = source.get(key)
+        _check_dtype_and_range(name, key, tensor, source.path)
         _check_finite(key, tensor, source.path)
         state[name] = tensor
+    dtypes = {str(t.dtype).removeprefix("torch.") for n, t in state.items() if ".running_" not in n and not n.endswith(_BN_COUNTER)}
+    if len(dtypes) > 1:
+        raise OmniMoEInputError(f"{source.path}: weights mix dtypes {sorted(dtypes)}; convert them to one")
     return state
 
 
@@ -122,7 +147,7 @@ def _load_validated(source: _TensorSource, expected: dict[str, tuple], key_of: d
 def save_module(module: nn.Module, config: dict, directory) -> None:
     """Write config.json + model.safetensors atomically (the directory appears complete or not at all)."""
     state = {k: v.detach().contiguous() for k, v in module.state_dict().items()}
-    with atomic_path(directory) as tmp:
+    with atomic_path(directory, overwrite=True) as tmp:  # replaces these two files only, never others
         tmp.mkdir()
         (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
         save_file(state, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
@@ -137,11 +162,15 @@ def read_config(directory) -> dict:
     if not directory.is_dir():
         raise OmniMoEInputError(f"{directory}: not a checkpoint directory")
     path = directory / CONFIG_FILE
+    if path.is_dir():
+        raise OmniMoEInputError(f"{path}: is a directory, not a JSON file")
     try:
         data = json.loads(path.read_text())
     except FileNotFoundError:
         raise OmniMoEInputError(f"{path}: no such file") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    except RecursionError:
+        raise OmniMoEInputError(f"{path}: JSON nested too deeply") from None
+    except (ValueError, UnicodeDecodeError, OSError) as e:  # JSONDecodeError, integers too long to read
         raise OmniMoEInputError(f"{path}: not valid JSON ({e})") from None
     if not isinstance(data, dict):
         raise OmniMoEInputError(f"{path}: expected a JSON object")
@@ -165,9 +194,18 @@ def load_checkpoint(directory, backend: str | None = None, device=None, dtype=No
     """Load an OmniMoELayer or TinyOmniLM checkpoint directory, in eval mode."""
     directory = Path(directory)
     data = read_config(directory)
-    with torch.device("meta"):
-        module = _module_from_config(data)
+    try:
+        with torch.device("meta"):
+            module = _module_from_config(data)
+    except (RuntimeError, OverflowError) as e:  # sizes whose byte count overflows
+        raise OmniMoEInputError(f"{directory / CONFIG_FILE}: sizes too large to allocate ({type(e).__name__})") from None
     expected = {k: tuple(v.shape) for k, v in module.state_dict().items()}
+    need = sum(math.prod(shape) for shape in expected.values()) * 4
+    if need > MAX_WEIGHT_BYTES:
+        raise OmniMoEInputError(
+            f"{directory / CONFIG_FILE}: these sizes need {need / 2**40:,.0f} TiB of float32 weights, "
+            f"more than a machine can map ({MAX_WEIGHT_BYTES / 2**40:.0f} TiB)"
+        )
     source = _TensorSource(directory / WEIGHTS_FILE)
     unexpected = sorted(set(source.keys()) - set(expected))
     if unexpected:
@@ -268,18 +306,26 @@ def convert_upstream(
     gate: str = "product",
     prefix: str | None = None,
     allow_pickle: bool = False,
+    overwrite: bool = False,
 ) -> list[Path]:
-    """Import upstream OmniMoE weights; returns the checkpoint directories written."""
+    """Import upstream OmniMoE weights; returns the checkpoint directories written.
+
+    out_dir follows the output policy of omnimoe.atomic: an existing non-empty directory only with
+    `overwrite`, and then only the files written here are replaced.
+    """
     source = _TensorSource(Path(src), allow_pickle=allow_pickle)
     prefixes = _select_prefixes(source.keys(), prefix)
     out_dir = Path(out_dir)
     multi = prefix is not None and "*" in prefix
+    subdirs = [_layer_dir_name(p) + "/" for p in prefixes] if multi else [""]
+    writes = [d + f for d in subdirs for f in (CONFIG_FILE, WEIGHTS_FILE)] + (["layers.json"] if multi else [])
+    check_output(out_dir, directory=True, inputs=[src], writes=writes, overwrite=overwrite, what="checkpoint")
     # Validate everything before writing anything.
     layers = []
     for p in prefixes:
         config = _infer_upstream_config(source, p, top_k, act, gate)
         layers.append((p, config, _layer_state_from_upstream(source, p, config)))
-    with atomic_path(out_dir) as tmp:
+    with atomic_path(out_dir, overwrite=overwrite) as tmp:
         tmp.mkdir()
         written = []
         for p, config, state in layers:
