@@ -7,7 +7,8 @@ from omnimoe.config import ACTIVATIONS, GATES
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("src", help="upstream weights: .safetensors (or .pt/.bin with --allow-pickle)")
+    parser.add_argument("src", help="upstream weights: .safetensors (or .pt/.bin with --allow-pickle), or a directory "
+                        "holding model.safetensors or shards listed in model.safetensors.index.json")
     parser.add_argument("-o", "--output", required=True, help="checkpoint directory to write")
     parser.add_argument("--top-k", type=int, required=True, help="experts per token (not stored in upstream weights)")
     parser.add_argument("--act", default="silu", choices=ACTIVATIONS, help="hidden_act (not stored in upstream weights)")

@@ -8,6 +8,10 @@ Upstream import (`convert_upstream`): a state_dict from flash-algo/omni-moe `Omn
 inside a full-model checkpoint under a prefix such as `model.layers.3.mlp.`. One layer converts to
 one checkpoint directory; a prefix with `*` (`model.layers.*.mlp.`) converts every matching layer
 into its own sub-directory `OUT/<prefix without trailing dot>/` plus an index `OUT/layers.json`.
+
+Both read a weights file or a directory: `model.safetensors`, or shards listed in
+`model.safetensors.index.json` (Hugging Face's convention: `weight_map` key -> shard file), each
+shard memory-mapped (`open_weights`).
 """
 from __future__ import annotations
 
@@ -206,7 +210,7 @@ def load_checkpoint(directory, backend: str | None = None, device=None, dtype=No
             f"{directory / CONFIG_FILE}: these sizes need {need / 2**40:,.0f} TiB of float32 weights, "
             f"more than a machine can map ({MAX_WEIGHT_BYTES / 2**40:.0f} TiB)"
         )
-    source = _TensorSource(directory / WEIGHTS_FILE)
+    source = open_weights(directory)
     unexpected = sorted(set(source.keys()) - set(expected))
     if unexpected:
         raise OmniMoEInputError(f"{source.path}: unexpected keys: {', '.join(unexpected[:8])}")
@@ -313,7 +317,7 @@ def convert_upstream(
     out_dir follows the output policy of omnimoe.atomic: an existing non-empty directory only with
     `overwrite`, and then only the files written here are replaced.
     """
-    source = _TensorSource(Path(src), allow_pickle=allow_pickle)
+    source = open_weights(Path(src), allow_pickle=allow_pickle)
     prefixes = _select_prefixes(source.keys(), prefix)
     out_dir = Path(out_dir)
     multi = prefix is not None and "*" in prefix
@@ -343,3 +347,75 @@ def convert_upstream(
 def _layer_dir_name(prefix: str) -> str:
     name = re.sub(r"[^A-Za-z0-9._-]", "_", prefix.rstrip("."))
     return name or "layer"
+
+
+# ---------------------------------------------------------------------------------------------
+# Directories and sharded safetensors (Hugging Face's model.safetensors.index.json)
+# ---------------------------------------------------------------------------------------------
+INDEX_FILE = WEIGHTS_FILE + ".index.json"
+
+
+class _ShardedSource:
+    """The tensors of `weight_map` {key: shard file} of an index, each shard memory-mapped; the
+    same interface as _TensorSource, so a layer may span shards and a prefix matches across them."""
+
+    def __init__(self, index: Path):
+        self.path = index
+        try:
+            data = json.loads(index.read_text())
+        except (OSError, ValueError, UnicodeDecodeError, RecursionError) as e:
+            raise OmniMoEInputError(f"{index}: not a readable safetensors index ({type(e).__name__})") from None
+        weight_map = data.get("weight_map") if isinstance(data, dict) else None
+        if not isinstance(weight_map, dict) or not weight_map or not all(
+            isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items()
+        ):
+            raise OmniMoEInputError(f"{index}: expected a JSON object with a non-empty \"weight_map\" of key -> shard file")
+        shards: dict[str, _TensorSource] = {}
+        self._source_of: dict[str, _TensorSource] = {}
+        for key, shard in weight_map.items():
+            if shard != Path(shard).name or shard in ("", ".", ".."):
+                raise OmniMoEInputError(f"{index}: shard {shard!r} must be a file name next to the index")
+            if shard not in shards:
+                shards[shard] = _TensorSource(index.parent / shard)
+            if key not in shards[shard]:
+                raise OmniMoEInputError(f"{index}: maps {key!r} to {shard}, which does not hold it")
+            self._source_of[key] = shards[shard]
+
+    def keys(self) -> list[str]:
+        return list(self._source_of)
+
+    def __contains__(self, key: str) -> bool:
+        return key in self._source_of
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        return self._source_of[key].shape(key)
+
+    def get(self, key: str) -> torch.Tensor:
+        return self._source_of[key].get(key)
+
+
+def weight_files(path: Path, allow_pickle: bool = False) -> Path:
+    """The weights a file or directory holds: the file itself, a directory's safetensors index,
+    its `model.safetensors`, or its only .safetensors (with allow_pickle: .pt/.bin) file."""
+    path = Path(path)
+    if path.is_file():
+        return path
+    if not path.is_dir():
+        raise OmniMoEInputError(f"{path}: no such file or directory")
+    for name in (INDEX_FILE, WEIGHTS_FILE):
+        if (path / name).is_file():
+            return path / name
+    suffixes = (".safetensors",) + ((".pt", ".bin", ".pth") if allow_pickle else ())
+    found = sorted(p for p in path.iterdir() if p.is_file() and p.suffix in suffixes)
+    if len(found) == 1:
+        return found[0]
+    what = f"{len(found)} weight files and no {INDEX_FILE}" if found else f"no {WEIGHTS_FILE}, {INDEX_FILE} or other .safetensors file"
+    raise OmniMoEInputError(f"{path}: {what}")
+
+
+def open_weights(path: Path, allow_pickle: bool = False):
+    """A lazy, memory-mapped tensor source for a weights file, a safetensors index or a directory."""
+    path = weight_files(path, allow_pickle)
+    if path.name.endswith(".index.json"):
+        return _ShardedSource(path)
+    return _TensorSource(path, allow_pickle=allow_pickle)
