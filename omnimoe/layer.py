@@ -13,6 +13,8 @@ from .errors import OmniMoEInputError
 
 
 _SIDE_STREAMS: dict[torch.device, torch.cuda.Stream] = {}
+# Fewer tokens than this: the routed path runs on the caller's stream (inference fast path).
+_SIDE_STREAM_MIN_TOKENS = 256
 
 
 def _side_stream(device: torch.device) -> torch.cuda.Stream | None:
@@ -103,10 +105,11 @@ class OmniMoELayer(nn.Module):
         weights = [self.router_gate_x.weight, self.router_gate_y.weight]
         norms = (self.router_norm_x, self.router_norm_y) if self.config.router_norm == "batchnorm" else ()
         srcs = weights + [n.running_mean for n in norms] + [n.running_var for n in norms]
-        trackable = not any(t.is_inference() for t in srcs)
-        key = None
-        if trackable:
-            key = tuple((t.data_ptr(), t._version, t.device, t.dtype) for t in srcs) + tuple(n.eps for n in norms)
+        try:
+            w0 = weights[0]
+            key = (w0.device, w0.dtype) + tuple((t.data_ptr(), t._version) for t in srcs) + tuple(n.eps for n in norms)
+        except RuntimeError:  # an inference tensor: no version counter, so nothing to key a cache on
+            key = None
         cache = self.__dict__.get("_router_cache")
         if key is None or cache is None or cache[0] != key:
             with torch.no_grad():
@@ -122,6 +125,8 @@ class OmniMoELayer(nn.Module):
 
     def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x [T, d] -> gates [T, K] float32, expert indices [T, K] int32."""
+        if self._fast_inference(x):
+            return self._route_fast(x)
         px, py = self.router_log_probs(x)
         return ops.product_key_topk(px, py, self.config.top_k, self.config.gate, backend=self.backend)
 
@@ -149,6 +154,8 @@ class OmniMoELayer(nn.Module):
             raise OmniMoEInputError(f"expected input [..., {d}], got {tuple(x.shape)}")
         lead = x.shape[:-1]
         x2 = x.reshape(-1, d)
+        if self._fast_inference(x2):
+            return self._forward_fast(x2.contiguous()).reshape(*lead, d)
         if self._fused_inference():
             return self._forward_fused(x2).reshape(*lead, d)
         gates, indices = self.route(x2)
@@ -177,6 +184,73 @@ class OmniMoELayer(nn.Module):
             )
         if self.config.intermediate_size > 0:
             h = self._swiglu_hidden(x2)
+            if side is not None:
+                main.wait_stream(side)
+            y.addmm_(h, self.down_proj.weight.t())  # the residual add rides in the GEMM
+        return y
+
+    # Inference hot path (backend="triton", eval, no autograd) --------------------------------
+    def _fast_inference(self, x: torch.Tensor) -> bool:
+        """Triton inference with autograd off: the launch-lean path (_forward_fast). With autograd
+        on (the shared MLP and router stay differentiable) or while exporting, _forward_fused."""
+        return (self._backend == "triton" and not self.training and not torch.is_grad_enabled()
+                and not ops._exporting())
+
+    def _route_fast(self, x2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Router GEMM (both axes) + for K <= 64 one Triton launch for batch-norm, log-softmax,
+        top-K and gates; larger K keeps addcmul + log-softmax + product_key_topk_triton."""
+        from .kernels import router as kr
+
+        cfg = self.config
+        s, K, T = cfg.grid_side, cfg.top_k, x2.shape[0]
+        w, norm_affine = self._router_inference_params()
+        logits = F.linear(x2, w)
+        if K > kr.SMALL_K_MAX or T == 0:
+            if norm_affine is not None:
+                logits = torch.addcmul(norm_affine[1], logits, norm_affine[0])
+            else:
+                logits = logits.float()
+            log_probs = torch.log_softmax(logits.view(T, 2, s), dim=-1)
+            return kr.product_key_topk_triton(log_probs[:, 0], log_probs[:, 1], K, cfg.gate)
+        gates = torch.empty((T, K), dtype=torch.float32, device=x2.device)
+        indices = torch.empty((T, K), dtype=torch.int32, device=x2.device)
+        scale, shift = norm_affine if norm_affine is not None else (None, None)
+        kr._router_logits_topk_launch(logits, scale, shift, s, K, cfg.gate, gates, indices)
+        return gates, indices
+
+    def _forward_fast(self, x2: torch.Tensor) -> torch.Tensor:
+        """As _forward_fused, with fewer and cheaper launches: the router tail in one kernel
+        (K <= 64), compiled kernels launched directly (kernels._launch.FastLaunch), no argument
+        re-checks between our own kernels, and the side stream only from _SIDE_STREAM_MIN_TOKENS
+        tokens (below, the stream switches cost more host time than the overlap saves)."""
+        from .kernels import experts as ke
+        from .kernels.swiglu import gated_act_fast
+
+        cfg = self.config
+        T = x2.shape[0]
+        y = torch.empty_like(x2)
+        if T == 0:
+            return y
+        up, down = self.up_embed.weight, self.down_embed.weight
+        act = ke.ACT_IDS[cfg.hidden_act]
+        token = not ke.use_expert_centric(T, cfg.top_k, cfg.num_experts)
+        if token and (up.dtype != x2.dtype or down.dtype != x2.dtype or not (up.is_contiguous() and down.is_contiguous())):
+            token = False  # let the public launcher state what is wrong
+        shared = cfg.intermediate_size > 0
+        side = _side_stream(x2.device) if shared and T >= _SIDE_STREAM_MIN_TOKENS else None
+        if side is not None:
+            main = torch.cuda.current_stream(x2.device)
+            side.wait_stream(main)
+        with torch.cuda.stream(side) if side is not None else contextlib.nullcontext():
+            gates, indices = self._route_fast(x2)
+            if token:
+                ke.token_centric_fast(x2, up, down, gates, indices, y, act)
+            else:
+                ke.expert_grouped_matmul_triton(x2, up, down, gates, indices, cfg.hidden_act, out=y)
+        if shared:
+            g = F.linear(x2, self.gate_proj.weight)
+            u = F.linear(x2, self.up_proj.weight)
+            h = gated_act_fast(g, u, act) if g.dtype == u.dtype else ops.activation(cfg.hidden_act)(g) * u
             if side is not None:
                 main.wait_stream(side)
             y.addmm_(h, self.down_proj.weight.t())  # the residual add rides in the GEMM

@@ -76,10 +76,20 @@ def _expert_inputs(T, d, N, K, gen, dtype=torch.float32, device="cpu", dups=Fals
 
 # ------------------------------------------------------------------ interpreter cases (CPU, fp32)
 def _router_case(T, s, K, gate, ties=False, prealloc=False, strided=False, seed=0, path="small"):
-    from omnimoe.kernels import product_key_topk_triton, router, topk_workspace_bytes
+    from omnimoe.kernels import router
 
-    # Both router kernels are exercised at tiny K: "large" disables the register-only path.
-    router.SMALL_K_MAX = 64 if path == "small" else 0
+    # Both router kernels are exercised at tiny K: "large" disables the register-only path (for
+    # this case only: the cases after it see the default again).
+    default = router.SMALL_K_MAX
+    router.SMALL_K_MAX = default if path == "small" else 0
+    try:
+        _router_case_body(T, s, K, gate, ties, prealloc, strided, seed)
+    finally:
+        router.SMALL_K_MAX = default
+
+
+def _router_case_body(T, s, K, gate, ties, prealloc, strided, seed):
+    from omnimoe.kernels import product_key_topk_triton, topk_workspace_bytes
 
     gen = torch.Generator().manual_seed(seed)
     px, py = _rand_log_probs(T, s, gen, ties)
@@ -97,14 +107,56 @@ def _router_case(T, s, K, gate, ties=False, prealloc=False, strided=False, seed=
     assert_topk_matches(px, py, K, gate, g, i, gr, ir)
 
 
+def _router_logits_case(T, s, K, gate, norm=True, prealloc=False, dtype=torch.float32, seed=0, device="cpu"):
+    """The fused router tail (batch-norm affine + log-softmax + top-K) vs the reference top-K on
+    torch's log-softmax of the same affine logits: same experts except at near-ties."""
+    from omnimoe.kernels.router import router_logits_topk_triton
+
+    gen = torch.Generator().manual_seed(seed)
+    logits = (torch.randn(T, 2 * s, generator=gen) * 2).to(dtype).to(device)
+    scale = (torch.rand(2 * s, generator=gen) + 0.5).to(device) if norm else None
+    shift = torch.randn(2 * s, generator=gen).to(device) if norm else None
+    kw = {}
+    if prealloc:
+        kw = dict(gates_out=torch.full((T, K), float("nan"), device=device),
+                  indices_out=torch.full((T, K), -1, dtype=torch.int32, device=device))
+    g, i = router_logits_topk_triton(logits, scale, shift, K, gate, **kw)
+    if prealloc:
+        assert g.data_ptr() == kw["gates_out"].data_ptr() and i.data_ptr() == kw["indices_out"].data_ptr()
+    lf = torch.addcmul(shift, logits, scale) if norm else logits.float()
+    lp = torch.log_softmax(lf.view(T, 2, s), -1)
+    px, py = lp[:, 0].contiguous(), lp[:, 1].contiguous()
+    gr, ir = ops.product_key_topk_reference(px, py, K, gate)
+    assert_topk_matches(px.cpu(), py.cpu(), K, gate, g.cpu(), i.cpu(), gr.cpu(), ir.cpu(), tie_tol=1e-5)
+
+
+def _router_logits_bad_inputs_case():
+    from omnimoe.kernels.router import router_logits_topk_triton
+
+    lg = torch.randn(3, 8)
+    for args in ((lg, None, None, 65, "product"), (lg, None, None, 0, "product"), (lg, torch.ones(8), None, 3, "product"),
+                 (lg, torch.ones(7), torch.ones(7), 3, "product"), (torch.randn(3, 7), None, None, 3, "product"),
+                 (lg, None, None, 3, "max"), (lg.t(), None, None, 3, "product")):
+        with pytest.raises(OmniMoEInputError):
+            router_logits_topk_triton(*args)
+    with pytest.raises(OmniMoEInputError):
+        router_logits_topk_triton(lg, None, None, 3, "product", gates_out=torch.empty(3, 2))
+
+
 def _bad_workspace_case():
-    from omnimoe.kernels import expert_grouped_matmul_triton, expert_workspace_bytes, product_key_topk_triton, topk_workspace_bytes
+    from omnimoe.kernels import (expert_grouped_matmul_triton, expert_workspace_bytes, product_key_topk_triton, router,
+                                 topk_workspace_bytes)
 
     gen = torch.Generator().manual_seed(1)
     px, py = _rand_log_probs(4, 6, gen)
-    for ws in (torch.empty(topk_workspace_bytes(4, 6, 8) - 1, dtype=torch.uint8), torch.empty(10000, dtype=torch.float32)):
-        with pytest.raises(OmniMoEInputError):
-            product_key_topk_triton(px, py, 8, "product", workspace=ws)
+    default = router.SMALL_K_MAX
+    router.SMALL_K_MAX = 0  # the workspace-using router path at this tiny K
+    try:
+        for ws in (torch.empty(topk_workspace_bytes(4, 6, 8) - 1, dtype=torch.uint8), torch.empty(10000, dtype=torch.float32)):
+            with pytest.raises(OmniMoEInputError):
+                product_key_topk_triton(px, py, 8, "product", workspace=ws)
+    finally:
+        router.SMALL_K_MAX = default
     with pytest.raises(OmniMoEInputError):
         product_key_topk_triton(px, py, 8, "product", gates_out=torch.empty(4, 7))
     x, up, down, g, idx = _expert_inputs(8, 16, 9, 3, gen)
@@ -132,13 +184,17 @@ def _expert_case(T, d, N, K, act, schedule, prealloc=False, dups=False, seed=0):
         assert rel_err(y, yr) <= 1e-5, rel_err(y, yr)
 
 
-def _layer_case(gate, act, router_norm="batchnorm", inter=16):
-    """The whole triton-backend layer (fused SwiGLU product and residual add included) vs the reference."""
+def _layer_case(gate, act, router_norm="batchnorm", inter=16, T=10, K=6, N=16, grad=False):
+    """The whole triton-backend layer (fused SwiGLU product and residual add included) vs the reference.
+
+    Without autograd (the default) this is the launch-lean inference path (`_forward_fast`: fused
+    router tail for K <= 64, token-centric or expert-centric experts by `use_expert_centric`);
+    with grad=True the autograd-preserving `_forward_fused`."""
     from omnimoe.config import OmniMoEConfig
     from omnimoe.layer import OmniMoELayer
 
     torch.manual_seed(0)
-    cfg = OmniMoEConfig(hidden_size=32, intermediate_size=inter, num_experts=16, top_k=6, hidden_act=act, gate=gate,
+    cfg = OmniMoEConfig(hidden_size=32, intermediate_size=inter, num_experts=N, top_k=K, hidden_act=act, gate=gate,
                         router_norm=router_norm)
     layer = OmniMoELayer(cfg).eval()
     with torch.no_grad():
@@ -146,11 +202,19 @@ def _layer_case(gate, act, router_norm="batchnorm", inter=16):
             if norm is not None:
                 norm.running_mean.normal_(0, 0.3)
                 norm.running_var.uniform_(0.5, 2)
-    x = torch.randn(2, 5, 32)
+    x = torch.randn(2, T // 2, 32) if T % 2 == 0 else torch.randn(T, 32)
     with torch.no_grad():
         yr = layer(x)
-        layer.backend = "triton"
+    layer.backend = "triton"
+    with torch.set_grad_enabled(grad):
+        assert layer._fast_inference(x) == (not grad)
         y = layer(x)
+        g, i = layer.route(x.reshape(-1, 32))
+    with torch.no_grad():
+        layer.backend = "reference"
+        gr, ir = layer.route(x.reshape(-1, 32))
+    assert torch.equal(i, ir) and rel_err(g, gr) <= 1e-5
+    y = y.detach()
     assert y.shape == x.shape and rel_err(y, yr) <= 1e-5, rel_err(y, yr)
 
 
@@ -188,6 +252,16 @@ INTERP_CASES = {
     "layer_softmax_gelu": lambda: _layer_case("softmax", "gelu"),
     "layer_no_norm_gelu_tanh": lambda: _layer_case("product", "gelu_tanh", router_norm="none"),
     "layer_no_shared_relu": lambda: _layer_case("softmax", "relu", inter=0),
+    "layer_decode_t1": lambda: _layer_case("product", "silu", T=1),
+    "layer_grad_enabled_fused_path": lambda: _layer_case("product", "gelu", grad=True),
+    "layer_expert_centric_fast_path": lambda: _layer_case("softmax", "silu", T=70, K=6),  # 70*6 >= 20*16
+    "layer_large_k_fast_path": lambda: _layer_case("product", "silu", T=6, K=70, N=100, inter=8),  # K > 64: unfused tail
+    "router_logits_norm_product": lambda: _router_logits_case(5, 8, 16, "product"),
+    "router_logits_no_norm_softmax": lambda: _router_logits_case(4, 6, 1, "softmax", norm=False, seed=1),
+    "router_logits_k_eq_n": lambda: _router_logits_case(3, 5, 25, "softmax", seed=2),
+    "router_logits_k_gt_s_prealloc": lambda: _router_logits_case(2, 16, 40, "product", prealloc=True, seed=3),
+    "router_logits_t0": lambda: _router_logits_case(0, 6, 4, "product"),
+    "router_logits_bad_inputs": _router_logits_bad_inputs_case,
 }
 
 
@@ -336,7 +410,36 @@ def test_gpu_prealloc_launch_allocates_nothing_and_captures():
         assert rel_err(y, ops.expert_grouped_matmul_reference(x, up, down, gr, ir, "silu")) <= 1e-2
 
 
-@pytest.mark.parametrize("N,K,T", [(4096, 16, 1024), (16384, 512, 256), (1 << 20, 16, 8)])
+@pytest.mark.parametrize("s,K,dtype", [(1024, 16, torch.bfloat16), (64, 64, torch.float32), (320, 1, torch.bfloat16)])
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_gpu_router_logits_fused(s, K, dtype):
+    for norm, gate in ((True, "product"), (False, "softmax")):
+        _router_logits_case(300, s, K, gate, norm=norm, dtype=dtype, seed=s + K, device="cuda")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_gpu_fast_launch_reuses_and_respecialises():
+    """FastLaunch (cached compiled kernel) gives what the public launcher gives, also when a
+    pointer's 16-byte alignment (a Triton specialisation) changes between calls."""
+    from omnimoe.kernels import expert_grouped_matmul_triton
+    from omnimoe.kernels import experts as ke
+
+    T, d, N, K = 5, 256, 4096, 16
+    gen = torch.Generator().manual_seed(17)
+    x, up, down, g, idx = _expert_inputs(T + 1, d, N, K, gen, device="cuda")
+    x, up, down = x.to(torch.bfloat16), up.to(torch.bfloat16), down.to(torch.bfloat16)
+    g, idx = g[:T].contiguous(), idx[:T].contiguous()
+    for off in (0, 1, 0, 1):  # aligned, misaligned (other specialisation), both again from the cache
+        xs = x.view(-1)[off : off + T * d].view(T, d)
+        y = torch.full((T, d), float("nan"), device="cuda", dtype=torch.bfloat16)
+        ke.token_centric_fast(xs, up, down, g, idx, y, ke.ACT_IDS["silu"])
+        assert torch.equal(y, expert_grouped_matmul_triton(xs, up, down, g, idx, "silu", schedule="token"))
+    assert len(ke._TOKEN_CENTRIC_LAUNCH.cache) >= 2
+
+
+@pytest.mark.parametrize("N,K,T", [(4096, 16, 1024), (16384, 512, 256), (1 << 20, 16, 8), (1 << 20, 16, 1)])
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_gpu_layer_matches_reference_and_graph_replays(N, K, T):
@@ -355,7 +458,8 @@ def test_gpu_layer_matches_reference_and_graph_replays(N, K, T):
         px, py = layer.router_log_probs(x)
         _, i_ref = layer.route(x)
         layer.backend = "triton"
-        # Both backends route on the same log-probs and the top-K is exact: at most near-ties differ.
+        # Both top-Ks are exact on log-probs equal up to rounding (the fused router tail computes its
+        # own log-softmax): at most near-ties differ.
         differs, near = ops.routing_near_ties(px, py, i_ref, i_tri, 1e-4)
         assert not (differs & ~near).any() and differs.float().mean() <= 0.001
         agree = ~differs

@@ -16,12 +16,14 @@ sums the K down rows per token in registers. On the H200 it beat both others at 
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
 
 from .. import ops
-from ._launch import Carver, check_device, check_out, next_pow2
+from ._launch import Carver, FastLaunch, check_device, check_out, next_pow2
 
 ACT_IDS = {"silu": 0, "gelu": 1, "relu": 2, "gelu_tanh": 3}
 
@@ -237,6 +239,19 @@ def expert_tile_config(fp32: bool, act: int, store_h: bool) -> dict:
     """Constexprs + num_warps of `_expert_tile_kernel` (one place; the native plugins compile it)."""
     return dict(ACT=act, BE=_EC_BE, BM=_EC_BM, BD=_EC_BD, SCAN_BLOCK=_SCAN_BLOCK,
                 IEEE=fp32, SPLIT=not fp32, STORE_H=store_h, num_warps=4)
+
+
+_TOKEN_CENTRIC_LAUNCH = FastLaunch(_token_centric_kernel)
+_token_centric_config_cached = functools.lru_cache(maxsize=64)(token_centric_config)
+
+
+def token_centric_fast(x, up, down, gates, indices, out, act: int) -> None:
+    """Unchecked token-centric launch through the cached compiled kernel (layer inference hot
+    path; same kernel and launch config as `_launch_token_centric`). Caller guarantees the
+    contract `expert_grouped_matmul_triton` checks: contiguous tensors, matching shapes, T > 0."""
+    D, K, N = x.shape[1], gates.shape[1], up.shape[0]
+    _TOKEN_CENTRIC_LAUNCH((x.shape[0],), (x, up, down, gates, indices, out, D, K, N),
+                          _token_centric_config_cached(D, K, act, False))
 
 
 def _launch_token_centric(x, up, down, g, indices, out, D, K, N, act, h_given):

@@ -22,6 +22,7 @@ Cost per token: two sorts of s, ~25 x log2(KA) x KA gathers for theta, one sort 
 """
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -29,7 +30,7 @@ import triton
 import triton.language as tl
 
 from .. import ops
-from ._launch import Carver, check_device, check_out, next_pow2
+from ._launch import Carver, FastLaunch, check_device, check_out, next_pow2
 
 # Int32 words of per-token scratch per axis rank: x vals, y vals, x idx, y idx, row prefix,
 # tie prefix, strict counts.
@@ -226,18 +227,13 @@ def _product_key_topk_kernel(
 
 
 @triton.jit
-def _product_key_topk_small_kernel(
-    px_ptr, py_ptr, gates_ptr, idx_ptr,
-    s, K, KA, stride_px, stride_py,
-    SOFTMAX: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_A: tl.constexpr, BLOCK_K: tl.constexpr,
-):
-    """Small K (<= 64): everything in registers, no workspace. K rounds of "take the max" on
-    packed unique int64 keys replace sorts (a sort of s = 1024 costs far more than 16 rounds)."""
-    t = tl.program_id(0).to(tl.int64)
+def _small_topk_store(vx, vy, gates_ptr, idx_ptr, t, s, K, KA,
+                      SOFTMAX: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_A: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Exact top-K of vx[i] + vy[j] (both [BLOCK_S] fp32, -inf past s) for token t, in registers:
+    KA rounds of "take the max" per axis on packed unique int64 keys (a sort of s = 1024 costs far
+    more than 16 rounds), then K rounds over the pruned candidate grid; gates and ids stored."""
     offs = tl.arange(0, BLOCK_S)
     lane_lo = (BLOCK_S - 1 - offs).to(tl.int64)  # larger for smaller index: ties -> smaller index
-    vx = tl.load(px_ptr + t * stride_px + offs, mask=offs < s, other=float("-inf"))
-    vy = tl.load(py_ptr + t * stride_py + offs, mask=offs < s, other=float("-inf"))
     kx = (_f32_key(vx).to(tl.int64) << 32) | lane_lo
     ky = (_f32_key(vy).to(tl.int64) << 32) | lane_lo
     removed = -9223372036854775807 - 1
@@ -272,6 +268,52 @@ def _product_key_topk_small_kernel(
     km = rk < K
     tl.store(gates_ptr + t * K + rk, _gates_of(out_s, km, SOFTMAX), mask=km)
     tl.store(idx_ptr + t * K + rk, out_e, mask=km)
+
+
+@triton.jit
+def _product_key_topk_small_kernel(
+    px_ptr, py_ptr, gates_ptr, idx_ptr,
+    s, K, KA, stride_px, stride_py,
+    SOFTMAX: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_A: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """Small K (<= 64): everything in registers, no workspace (see _small_topk_store)."""
+    t = tl.program_id(0).to(tl.int64)
+    offs = tl.arange(0, BLOCK_S)
+    vx = tl.load(px_ptr + t * stride_px + offs, mask=offs < s, other=float("-inf"))
+    vy = tl.load(py_ptr + t * stride_py + offs, mask=offs < s, other=float("-inf"))
+    _small_topk_store(vx, vy, gates_ptr, idx_ptr, t, s, K, KA, SOFTMAX, BLOCK_S, BLOCK_A, BLOCK_K)
+
+
+@triton.jit
+def _log_softmax_lanes(v, m):
+    """log_softmax over the lanes in m (fp32), -inf elsewhere: v - max - log(sum(exp(v - max)))."""
+    v = tl.where(m, v, float("-inf"))
+    mx = tl.max(v, axis=0)
+    e = tl.where(m, tl.exp(v - mx), 0.0)
+    return tl.where(m, v - mx - tl.log(tl.sum(e, axis=0)), float("-inf"))
+
+
+@triton.jit
+def _router_logits_topk_small_kernel(
+    logits_ptr, scale_ptr, shift_ptr, gates_ptr, idx_ptr,
+    s, K, KA, stride_l,
+    HAS_NORM: tl.constexpr, SOFTMAX: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_A: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    """Router tail for K <= 64 in one launch: the router GEMM's logits [T, 2s] (x axis, then y
+    axis; any float dtype) -> eval batch-norm as l * scale + shift (fp32, optional) -> per-axis
+    log-softmax (fp32) -> exact top-K and gates, as _product_key_topk_small_kernel."""
+    t = tl.program_id(0).to(tl.int64)
+    offs = tl.arange(0, BLOCK_S)
+    m = offs < s
+    lx = tl.load(logits_ptr + t * stride_l + offs, mask=m, other=0.0).to(tl.float32)
+    ly = tl.load(logits_ptr + t * stride_l + s + offs, mask=m, other=0.0).to(tl.float32)
+    if HAS_NORM:
+        lx = lx * tl.load(scale_ptr + offs, mask=m, other=1.0) + tl.load(shift_ptr + offs, mask=m, other=0.0)
+        ly = ly * tl.load(scale_ptr + s + offs, mask=m, other=1.0) + tl.load(shift_ptr + s + offs, mask=m, other=0.0)
+    vx = _log_softmax_lanes(lx, m)
+    vy = _log_softmax_lanes(ly, m)
+    _small_topk_store(vx, vy, gates_ptr, idx_ptr, t, s, K, KA, SOFTMAX, BLOCK_S, BLOCK_A, BLOCK_K)
 
 
 def _small_num_warps(s: int, ka: int) -> int:
@@ -360,4 +402,73 @@ def product_key_topk_triton(
         log_probs_x, log_probs_y, gates_out, indices_out, ws.view(torch.float32), ws,
         s, K, ka, log_probs_x.stride(0), log_probs_y.stride(0), **meta,
     )
+    return gates_out, indices_out
+
+
+def router_logits_kernel_config(grid_side: int, top_k: int, gate: str, has_norm: bool) -> dict:
+    """Constexprs + num_warps of `_router_logits_topk_small_kernel` (K <= SMALL_K_MAX only)."""
+    s, K = int(grid_side), int(top_k)
+    ka = min(K, s)
+    return dict(HAS_NORM=bool(has_norm), SOFTMAX=(gate == "softmax"), BLOCK_S=max(16, next_pow2(s)),
+                BLOCK_A=max(16, next_pow2(ka)), BLOCK_K=max(16, next_pow2(K)), num_warps=_small_num_warps(s, ka))
+
+
+_ROUTER_LOGITS_LAUNCH = FastLaunch(_router_logits_topk_small_kernel)
+_router_logits_config_cached = functools.lru_cache(maxsize=64)(router_logits_kernel_config)
+
+
+def _router_logits_topk_launch(logits, scale, shift, s, K, gate, gates_out, indices_out) -> None:
+    """Unchecked launch of `_router_logits_topk_small_kernel` (layer inference hot path)."""
+    meta = _router_logits_config_cached(s, K, gate, scale is not None)
+    if scale is None:
+        scale = shift = logits  # never read (HAS_NORM=False)
+    _ROUTER_LOGITS_LAUNCH(
+        (logits.shape[0],), (logits, scale, shift, gates_out, indices_out, s, K, min(K, s), logits.stride(0)), meta
+    )
+
+
+def router_logits_topk_triton(
+    logits: torch.Tensor,
+    scale: torch.Tensor | None,
+    shift: torch.Tensor | None,
+    top_k: int,
+    gate: str,
+    *,
+    gates_out: torch.Tensor | None = None,
+    indices_out: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Router tail for top_k <= SMALL_K_MAX in one launch: logits [T, 2s] (both axes' router GEMM
+    output, x then y) -> optional eval batch-norm l * scale + shift (float32 [2s]) -> per-axis
+    log-softmax -> exact product-key top-K -> gates [T,K] fp32, indices [T,K] int32.
+
+    Equals product_key_topk_triton on log_softmax(l * scale + shift) up to the rounding of the
+    log-softmax (a different expert only at a near-tie). No allocation with outputs given."""
+    if logits.dim() != 2 or logits.shape[1] % 2 or logits.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        raise ops.OmniMoEInputError(f"logits must be a float [T, 2s] tensor, got {logits.dtype} {tuple(logits.shape)}")
+    T, s = logits.shape[0], logits.shape[1] // 2
+    if gate not in ("product", "softmax"):
+        raise ops.OmniMoEInputError(f"gate must be product or softmax, got {gate!r}")
+    K = int(top_k)
+    if not 1 <= K <= min(SMALL_K_MAX, s * s):
+        raise ops.OmniMoEInputError(f"top_k must satisfy 1 <= top_k <= min({SMALL_K_MAX}, N={s * s}), got {K}")
+    if (scale is None) != (shift is None):
+        raise ops.OmniMoEInputError("give both scale and shift, or neither")
+    if logits.stride(1) != 1:
+        raise ops.OmniMoEInputError("logits must have unit stride along the last axis")
+    tensors = [logits]
+    for name, t in (("scale", scale), ("shift", shift)):
+        if t is not None:
+            if t.shape != (2 * s,) or t.dtype != torch.float32 or not t.is_contiguous():
+                raise ops.OmniMoEInputError(f"{name} must be a contiguous float32 [{2 * s}] tensor")
+            tensors.append(t)
+    check_device(*tensors)
+    dev = logits.device
+    if gates_out is None:
+        gates_out = torch.empty((T, K), dtype=torch.float32, device=dev)
+    if indices_out is None:
+        indices_out = torch.empty((T, K), dtype=torch.int32, device=dev)
+    check_out(gates_out, (T, K), torch.float32, dev, "gates_out")
+    check_out(indices_out, (T, K), torch.int32, dev, "indices_out")
+    if T:
+        _router_logits_topk_launch(logits, scale, shift, s, K, gate, gates_out, indices_out)
     return gates_out, indices_out

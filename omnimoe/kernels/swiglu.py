@@ -11,7 +11,7 @@ import triton
 import triton.language as tl
 
 from ..errors import OmniMoEInputError
-from ._launch import check_device
+from ._launch import FastLaunch, check_device
 from .experts import ACT_IDS, _act
 
 
@@ -37,4 +37,19 @@ def gated_act_triton(gate: torch.Tensor, up: torch.Tensor, activation_name: str)
     if n:
         block = 2048
         _gated_act_kernel[(triton.cdiv(n, block),)](gate, up, out, n, ACT=ACT_IDS[activation_name], BLOCK=block)
+    return out
+
+
+_GATED_ACT_LAUNCH = FastLaunch(_gated_act_kernel)
+_GATED_ACT_BLOCK = 2048
+
+
+def gated_act_fast(gate: torch.Tensor, up: torch.Tensor, act: int) -> torch.Tensor:
+    """Unchecked `gated_act_triton` (layer inference hot path): gate and up contiguous, same
+    shape and dtype, on the kernel's device; act = ACT_IDS[name]."""
+    out = torch.empty_like(gate)
+    n = gate.numel()
+    if n:
+        _GATED_ACT_LAUNCH((triton.cdiv(n, _GATED_ACT_BLOCK),), (gate, up, out, n),
+                          {"ACT": act, "BLOCK": _GATED_ACT_BLOCK})
     return out
