@@ -23,6 +23,7 @@ SUBCOMMANDS = {
     "run": ("deploy.run_cmd", "run a checkpoint, ONNX model or engine on a .npy/.npz input"),
     "parity": ("deploy.parity", "routing-aware parity between PyTorch, ONNX Runtime and TensorRT runs (polygraphy)"),
     "bench": ("deploy.bench", "latency of every runner available on this machine"),
+    "inspect": ("deploy.inspect_cmd", "what a checkpoint, ONNX model or engine holds: config, I/O and dynamic axes, ops, precision, versions"),
     "demo": ("deploy.demo", "train or load the tiny model and run the deployment pipeline end to end"),
 }
 
