@@ -205,19 +205,29 @@ def run(args: argparse.Namespace) -> int:
 
     from deploy import runners as R
     from export.ort import resolve_providers
-    from omnimoe.atomic import atomic_path
+    from omnimoe.atomic import atomic_path, check_output
     from omnimoe.errors import OmniMoEInputError
 
     console = Console(stderr=True)
     G_LOGGER.module_severity = G_LOGGER.ERROR  # our own table is the summary
     requested = R.parse_runner_names(args.runners)
     providers = resolve_providers(args.providers)
+    for flag in ("atol", "rtol", "tie_tol"):
+        value = getattr(args, flag)
+        if value is not None and not (np.isfinite(value) and value >= 0):
+            raise OmniMoEInputError(f"--{flag.replace('_', '-')} must be a finite number >= 0, got {value}")
+    inputs = [args.target, *args.onnx, args.engine, args.input, *args.load_results]
+    for flag in ("save_inputs", "report", "save_results"):  # the output policy, before any work
+        if getattr(args, flag):
+            check_output(getattr(args, flag), inputs=inputs, what=f"--{flag.replace('_', '-')} file")
 
     with contextlib.ExitStack() as stack:
         setup = R.open_target(Path(args.target), [Path(p) for p in args.onnx])
+        feed = R.make_input(setup, args.input, args.tokens, args.batch, args.seed)
+        if feed.size == 0:
+            raise OmniMoEInputError(f"nothing to compare: the input {setup.input_name} {list(feed.shape)} holds no tokens")
         runner_objs = R.build_runners(setup, requested, engine=args.engine, stack=stack, log=console.print,
                                       providers=providers)
-        feed = R.make_input(setup, args.input, args.tokens, args.batch, args.seed)
         input_name, output_name, model_dtype = setup.input_name, setup.output_name, setup.dtype
         nonfinite = R.count_nonfinite(feed)
         if nonfinite:
@@ -239,7 +249,7 @@ def run(args: argparse.Namespace) -> int:
             console.print(f"running {', '.join(r.name for r in runner_objs)} on {input_name} {list(feed.shape)} ...")
             runs.extend(Comparator.run(runner_objs, data_loader=[{input_name: feed}]).items())
         if len(runs) < 2:
-            raise OmniMoEInputError("parity needs at least two runs (runners and/or --load-results)")
+            raise OmniMoEInputError("nothing to compare: parity needs a run besides the reference (runners and/or --load-results)")
 
     atol, rtol, tie_tol = DEFAULT_TOLERANCES[model_dtype]
     tol = Tolerances(args.atol if args.atol is not None else atol, args.rtol if args.rtol is not None else rtol,
@@ -255,6 +265,9 @@ def run(args: argparse.Namespace) -> int:
     for name, iters in others:
         run_out = {k: np.asarray(v) for k, v in iters[0].items()}
         report["runners"][name] = compare_runs(ref, run_out, output_name, tol, seq_len, causal)
+    if not any(r.get("tokens") for r in report["runners"].values() if "error" not in r) and \
+            all("error" not in r for r in report["runners"].values()):
+        raise OmniMoEInputError("nothing to compare: the runs hold no tokens")
     report["pass"] = all(r["pass"] for r in report["runners"].values())
 
     if args.save_results:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import os
 import tempfile
 import time
 from collections import OrderedDict
@@ -163,6 +164,8 @@ def parse_runner_names(text: str | None) -> list[str] | None:
     for r in names:
         if r not in RUNNER_NAMES:
             raise OmniMoEInputError(f"unknown runner {r!r}; choose from {', '.join(RUNNER_NAMES)}")
+        if names.count(r) > 1:
+            raise OmniMoEInputError(f"--runners names {r} more than once; each runner runs once")
     return names
 
 
@@ -202,7 +205,11 @@ def _onnx_io(path: Path) -> tuple:
     names = {onnx.TensorProto.FLOAT: "fp32", onnx.TensorProto.FLOAT16: "fp16", onnx.TensorProto.BFLOAT16: "bf16"}
     dtype = names.get(out.type.tensor_type.elem_type, "fp32")
     np_dtype = onnx.helper.tensor_dtype_to_np_dtype(inp.type.tensor_type.elem_type)
-    return inp.name, out.name, np_dtype, dims(inp), dims(out), dtype, is_plugin_graph(model)
+    # A TinyOmniLM graph holds its position table (initializers keep the module's names): its rows
+    # are the longest sequence the model takes.
+    pos = [list(t.dims) for t in model.graph.initializer if t.name.endswith("pos_embed.weight") and len(t.dims) == 2]
+    max_seq_len = pos[0][0] if pos else None
+    return inp.name, out.name, np_dtype, dims(inp), dims(out), dtype, is_plugin_graph(model), max_seq_len
 
 
 def open_target(target: Path, onnx_paths=()) -> Target:
@@ -215,10 +222,13 @@ def open_target(target: Path, onnx_paths=()) -> Target:
         model = load_checkpoint(target)
         input_name, output_name = model_io(model)
         is_lm = output_name == "logits"
+        # fp16 layers take fp16 input; bf16 ones (no numpy dtype) float32, cast by the torch runner.
+        weights = omnimoe_layers(model)[0].up_embed.weight.dtype
+        dtype = {torch.float16: "fp16", torch.bfloat16: "bf16"}.get(weights, "fp32")
         setup = Target(
-            model, input_name, output_name, np.int64 if is_lm else np.float32,
+            model, input_name, output_name, np.int64 if is_lm else (np.float16 if dtype == "fp16" else np.float32),
             [None, None] if is_lm else [None, None, model.config.hidden_size],
-            model.config.vocab_size if is_lm else None, model.config.max_seq_len if is_lm else None, "fp32", {},
+            model.config.vocab_size if is_lm else None, model.config.max_seq_len if is_lm else None, dtype, {},
         )
     elif target.is_file() and target.suffix == ".onnx":
         onnx_paths.insert(0, target)
@@ -230,14 +240,16 @@ def open_target(target: Path, onnx_paths=()) -> Target:
     for path in onnx_paths:
         if not path.is_file():
             raise OmniMoEInputError(f"{path}: no such ONNX model")
-        input_name, output_name, np_dtype, in_dims, out_dims, dtype, plugin = _onnx_io(path)
+        input_name, output_name, np_dtype, in_dims, out_dims, dtype, plugin, max_seq_len = _onnx_io(path)
         if setup is None:
             vocab = out_dims[-1] if np.issubdtype(np_dtype, np.integer) and out_dims else None
-            setup = Target(None, input_name, output_name, np_dtype, in_dims, vocab, None, dtype, {})
+            setup = Target(None, input_name, output_name, np_dtype, in_dims, vocab, max_seq_len, dtype, {})
         elif (input_name, output_name) != (setup.input_name, setup.output_name):
             raise OmniMoEInputError(f"{path}: its I/O ({input_name} -> {output_name}) does not match {target}")
         else:
             setup.dtype = dtype
+        if max_seq_len is not None:
+            setup.max_seq_len = min(max_seq_len, setup.max_seq_len or max_seq_len)
         kind = "onnxrt-plugin" if plugin else "onnxrt"
         setup.onnx_files[kind if kind not in setup.onnx_files else f"{kind}:{path.name}"] = path
     return setup
@@ -284,11 +296,14 @@ def build_runners(setup: Target, requested, *, engine=None, stack: contextlib.Ex
 
                 if tmp is None:
                     tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="omnimoe-")))
+                if setup.dtype == "bf16":
+                    raise OmniMoEInputError(f"the {name} runner cannot take a bf16 checkpoint (numpy has no bfloat16); "
+                                            "export it with --dtype bf16 for TensorRT, or compare --runners torch with --onnx")
                 inputs, in_names, out_names, dynamic = example_inputs_for(setup.model)
                 ops_kind = "plugin" if name == "onnxrt-plugin" else "standard"
                 path = tmp / f"{name}.onnx"
                 log(f"exporting the {ops_kind}-op graph for {name} ...")
-                export_onnx(setup.model, path, example_inputs=inputs, ops=ops_kind, input_names=in_names,
+                export_onnx(setup.model, path, example_inputs=inputs, ops=ops_kind, dtype=setup.dtype, input_names=in_names,
                             output_names=out_names, dynamic_shapes=dynamic, progress=False)
             runners.append(onnxrt_runner(path, name, providers, routing_outputs=report_routing and name.startswith("onnxrt-plugin")))
         elif name == "trt":
@@ -300,20 +315,32 @@ def build_runners(setup: Target, requested, *, engine=None, stack: contextlib.Ex
 
 def load_array(path, name: str) -> np.ndarray:
     """A .npy array, or the array called `name` (or the only one) in a .npz."""
+    import zipfile
+
     path = Path(path)
     if not path.is_file():
         raise OmniMoEInputError(f"{path}: no such input file")
+    unreadable = (ValueError, OSError, EOFError, zipfile.BadZipFile, KeyError, RuntimeError)
     try:
         data = np.load(path, allow_pickle=False)
-    except (ValueError, OSError, EOFError) as e:
-        raise OmniMoEInputError(f"{path}: not a readable .npy/.npz file ({e})") from None
-    if isinstance(data, np.lib.npyio.NpzFile):
-        if name in data.files:
-            return data[name]
-        if len(data.files) == 1:
-            return data[data.files[0]]
-        raise OmniMoEInputError(f"{path}: holds {data.files}; expected an array named {name!r}")
-    return data
+    except unreadable as e:
+        raise OmniMoEInputError(f"{path}: not a readable .npy/.npz file ({type(e).__name__}: {e})") from None
+    if not isinstance(data, np.lib.npyio.NpzFile):
+        return data
+    with data:  # every member is checked, not only the one used
+        arrays = {}
+        for member in data.files:
+            try:
+                arrays[member] = data[member]
+            except unreadable as e:
+                raise OmniMoEInputError(f"{path}: member {member!r} is not a readable array ({type(e).__name__}: {e})") from None
+            if not isinstance(arrays[member], np.ndarray):
+                raise OmniMoEInputError(f"{path}: member {member!r} is not a .npy array")
+    if name in arrays:
+        return arrays[name]
+    if len(arrays) == 1:
+        return next(iter(arrays.values()))
+    raise OmniMoEInputError(f"{path}: holds {sorted(arrays)}; expected an array named {name!r}")
 
 
 def check_input(setup: Target, x: np.ndarray) -> np.ndarray:
@@ -337,6 +364,13 @@ def make_input(setup: Target, input_path=None, tokens: int = 37, batch: int = 2,
         return check_input(setup, load_array(input_path, setup.input_name))
     if tokens < 0 or batch < 1:
         raise OmniMoEInputError("--tokens must be >= 0 and --batch >= 1")
+    need = batch * tokens * (1 if setup.token_ids else setup.shape[-1]) * 8
+    memory = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    if need > memory:
+        raise OmniMoEInputError(f"--batch {batch} x --tokens {tokens} needs {need / 2**30:,.1f} GiB for the input alone; "
+                                f"this machine has {memory / 2**30:,.1f} GiB of memory")
+    if setup.max_seq_len is not None and tokens > setup.max_seq_len:
+        raise OmniMoEInputError(f"--tokens {tokens} exceeds the model's max_seq_len {setup.max_seq_len}")
     rng = np.random.default_rng(seed)
     if setup.token_ids:
         if not setup.vocab:

@@ -204,8 +204,8 @@ def test_bench_times_every_cpu_runner(layer_ckpt, tmp_path, capsys):
     assert code == 2 and err.count("\n") == 1
 
 
-def test_parity_and_run_with_zero_tokens(layer_ckpt, tmp_path, capsys):
+def test_parity_with_zero_tokens_compares_nothing(layer_ckpt, tmp_path, capsys):
+    # Issue 12: zero tokens is not a pass; nothing is compared and no report is written.
     code, out, err = run_cli(["parity", layer_ckpt, "--tokens", 0, "--report", tmp_path / "r.json"], capsys)
-    assert code == 0, out + err
-    report = json.loads((tmp_path / "r.json").read_text())
-    assert all(r["tokens"] == 0 and r["pass"] for r in report["runners"].values())
+    assert code == 2 and "nothing to compare" in err and err.count("\n") == 1
+    assert not (tmp_path / "r.json").exists()
