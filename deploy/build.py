@@ -22,6 +22,7 @@ from pathlib import Path
 from omnimoe.errors import OmniMoEInputError
 
 PRECISIONS = ("fp32", "fp16", "bf16")
+NATIVE_DEFAULT_SMS = (80, 86, 87, 89, 90, 100, 110, 120)  # = trt_plugins.native.DEFAULT_SMS (checked by a test)
 DEFAULT_TOKENS = "1:256:4096"
 _STANDARD_DOMAINS = ("", "ai.onnx", "ai.onnx.ml")
 
@@ -44,6 +45,24 @@ def add_arguments(parser) -> None:
         metavar="MIN:OPT:MAX",
         help=f"optimization profile of the token axis (default {DEFAULT_TOKENS}; a single N means N:N:N)",
     )
+    parser.add_argument(
+        "--plugins",
+        choices=("native", "python"),
+        default="native",
+        help="native (default): write libomnimoe_trt_plugins.so beside the engine (C++ plugins running AOT-compiled "
+        "Triton kernels; trtexec/Triton server/DeepStream/Jetson load it, no Python needed); python: the Python "
+        "plugins (the process running the engine must import trt_plugins)",
+    )
+    parser.add_argument(
+        "--sm",
+        default=",".join(map(str, NATIVE_DEFAULT_SMS)),
+        metavar="LIST",
+        help="compute capabilities the native library gets cubins for (default %(default)s; newer GPUs use a PTX fallback)",
+    )
+    parser.add_argument("--trt-include", default=None, metavar="DIR", help="TensorRT headers for the native library "
+                        "(default: $TENSORRT_INCLUDE_DIR, the SDK's usual places, the kernel-lens wheel's copy)")
+    parser.add_argument("--cuda-include", default=None, metavar="DIR", help="directory with cuda.h (default: $CUDA_HOME, "
+                        "/usr/local/cuda, the triton wheel's copy)")
     parser.add_argument("--timing-cache", default=None, metavar="FILE", help="read (if present) and update this timing cache")
     parser.add_argument("--no-progress", action="store_true", help="do not show build progress")
 
@@ -130,18 +149,22 @@ def custom_nodes(model) -> list[tuple[str, str, str]]:
     return out
 
 
-def check_plugins_available(trt, model) -> None:
-    """Every custom node must have a plugin creator the parser will find (name, version, domain)."""
-    import trt_plugins
+def check_plugins_available(trt, model, registered=None) -> None:
+    """Every custom node must have a plugin creator the parser will find (name, version, domain).
 
-    registered = {
-        (getattr(c, "name", None), getattr(c, "plugin_namespace", None))
-        for c in trt.get_plugin_registry().all_creators
-    }
+    `registered`: {(op_type, namespace)} to check against instead of `trt`'s registry (the native
+    library's plugins, before it is built)."""
+    from export.schemas import DOMAIN, OPS
+
+    if registered is None:
+        registered = {
+            (getattr(c, "name", None), getattr(c, "plugin_namespace", None))
+            for c in trt.get_plugin_registry().all_creators
+        }
     for domain, op_type, name in custom_nodes(model):
         if (op_type, domain) in registered or (op_type, "") in registered:
             continue
-        known = ", ".join(sorted(trt_plugins.creators(trt))) or "none"
+        known = ", ".join(sorted(op for op, ns in registered if ns == DOMAIN and op in {o.op_type for o in OPS})) or "none"
         raise OmniMoEInputError(
             f"plugin missing: node {name or '?'} is {domain}::{op_type}, for which no TensorRT plugin is "
             f"registered (omnimoe plugins: {known})"
@@ -217,16 +240,29 @@ class ParsedNetwork:
         return out
 
 
+def load_plugin_library(trt, path) -> object:
+    """Load a native plugin library into `trt`'s registry, in place of the Python plugins (same
+    names and namespace); returns the handle for `deregister_library`."""
+    import trt_plugins
+
+    trt_plugins.unregister(trt)
+    handle = trt.get_plugin_registry().load_library(str(path))
+    if handle is None:
+        raise OmniMoEInputError(f"TensorRT could not load the plugin library {path}")
+    return handle
+
+
 def parse_network(
-    model_path, *, backend: str = "auto", strongly_typed: bool = True, trt=None, model=None
+    model_path, *, backend: str = "auto", strongly_typed: bool = True, trt=None, model=None, python_plugins=True
 ) -> ParsedNetwork:
-    """Validate the ONNX file, register the plugins and parse it into a TensorRT network."""
+    """Validate the ONNX file, register the Python plugins (unless a native library was loaded:
+    python_plugins=False) and parse it into a TensorRT network."""
     import trt_plugins
 
     if model is None:
         model = load_onnx_header(model_path)
     model_precision = onnx_precision(model)
-    trt = trt_plugins.register(trt, backend=backend)
+    trt = trt_plugins.register(trt, backend=backend) if python_plugins else (trt or trt_plugins.load(backend))
     check_plugins_available(trt, model)
     logger = _make_logger(trt)
     try:
@@ -317,12 +353,28 @@ def _make_progress_monitor(trt, progress):
 class BuildResult:
     engine: bytes
     backend: str
+    backend_version: str
     precision: str
     shapes: dict
     plugin_layers: list  # (layer name, plugin name, attrs)
     seconds: float
     timing_cache: bytes | None = None
     notes: list = dataclasses.field(default_factory=list)
+
+
+def _plugin_layers(parsed: ParsedNetwork) -> list:
+    """(layer name, plugin name, attributes) of each plugin layer; the attributes are the ONNX
+    node's (the same for Python and native plugins, whose C++ objects expose none to Python)."""
+    import onnx
+
+    nodes = {n.name: n for n in _all_nodes(parsed.model)}
+    out = []
+    for layer in parsed.plugin_layers():
+        node = nodes.get(layer.name)
+        attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute} if node is not None else {}
+        attrs = {k: v.decode() if isinstance(v, bytes) else v for k, v in attrs.items()}
+        out.append((layer.name, node.op_type if node is not None else "?", attrs))
+    return out
 
 
 def _load_timing_cache(config, path: Path | None):
@@ -343,23 +395,43 @@ def build_engine(
     tokens: tuple[int, int, int] | str = DEFAULT_TOKENS,
     timing_cache: str | os.PathLike | None = None,
     progress: bool = False,
+    plugin_library: str | os.PathLike | None = None,
 ) -> BuildResult:
-    """Parse `model_path` with the omnimoe plugins and build a serialized engine (bytes)."""
+    """Parse `model_path` with the omnimoe plugins and build a serialized engine (bytes).
+
+    `plugin_library`: a native plugin library (trt_plugins.native) used instead of the Python
+    plugins; it is loaded for this build only."""
     import trt_plugins
 
     if isinstance(tokens, str):
         tokens = parse_tokens(tokens)
     if precision is not None and precision not in PRECISIONS:
         raise OmniMoEInputError(f"unsupported precision {precision!r}: choose one of {PRECISIONS}")
-    try:  # the plugins size their workspaces with the kernels' helpers
-        import omnimoe.kernels  # noqa: F401
-    except ImportError as e:
-        raise OmniMoEInputError(f"the Triton kernels are needed to build plugin engines ({e}): pip install 'omnimoe[triton]'") from None
+    if plugin_library is None:
+        try:  # the Python plugins size their workspaces with the kernels' helpers
+            import omnimoe.kernels  # noqa: F401
+        except ImportError as e:
+            raise OmniMoEInputError(
+                f"the Triton kernels are needed to build plugin engines ({e}): pip install 'omnimoe[triton]'"
+            ) from None
 
     model = load_onnx_header(model_path)
     trt = trt_plugins.load(backend)
     engine_precision, strongly_typed = _precision_plan(trt, onnx_precision(model), precision)
-    parsed = parse_network(model_path, strongly_typed=strongly_typed, trt=trt, model=model)
+    handle = load_plugin_library(trt, plugin_library) if plugin_library is not None else None
+    try:
+        return _build(trt, model_path, model, engine_precision, strongly_typed, tokens, timing_cache, progress,
+                      python_plugins=handle is None)
+    finally:
+        if handle is not None:
+            # Unloaded again: a later Python-plugin build in this process must not pick it up.
+            trt.get_plugin_registry().deregister_library(handle)
+
+
+def _build(trt, model_path, model, engine_precision, strongly_typed, tokens, timing_cache, progress, python_plugins):
+    import trt_plugins
+
+    parsed = parse_network(model_path, strongly_typed=strongly_typed, trt=trt, model=model, python_plugins=python_plugins)
     config = parsed.builder.create_builder_config()
     if not strongly_typed:
         config.set_flag(trt.BuilderFlag.FP16 if engine_precision == "fp16" else trt.BuilderFlag.BF16)
@@ -408,42 +480,130 @@ def build_engine(
     cache_bytes = None
     if cache_path is not None:
         cache_bytes = bytes(memoryview(config.get_timing_cache().serialize()))
-    layers = [(layer.name, layer.plugin.plugin_name, dict(getattr(layer.plugin, "attrs", {}))) for layer in parsed.plugin_layers()]
     return BuildResult(
         engine=bytes(memoryview(serialized)),
         backend=trt_plugins.backend_of(trt),
+        backend_version=str(trt.__version__),
         precision=engine_precision,
         shapes=shapes,
-        plugin_layers=layers,
+        plugin_layers=_plugin_layers(parsed),
         seconds=seconds,
         timing_cache=cache_bytes,
         notes=notes,
     )
 
 
+def sidecar_path(engine: Path) -> Path:
+    """Where `omnimoe build` records what the engine holds (read by `omnimoe inspect`)."""
+    return engine.with_name(engine.name + ".json")
+
+
+def _sibling_variants(directory: Path, engine: Path) -> list:
+    """Kernel variants of the other engines in `directory` that use the library there: the new
+    library keeps them, so building a second engine beside the first never breaks the first."""
+    import json
+
+    from trt_plugins import native
+
+    kinds = {"OmniProductKeyTopK": native.TopKVariant, "OmniExpertGroupedMatMul": native.ExpertsVariant}
+    out = []
+    for meta_path in sorted(directory.glob("*.json")):
+        if meta_path == sidecar_path(engine) or not meta_path.with_suffix("").is_file():
+            continue
+        try:
+            meta = json.loads(meta_path.read_text())
+            if meta.get("plugin_library") != native.LIBRARY_NAME:
+                continue
+            for v in meta.get("native", {}).get("variants", []):
+                v = dict(v)
+                out.append(kinds[v.pop("op")](**v))
+        except (ValueError, KeyError, TypeError, AttributeError, OSError):
+            continue  # not one of ours
+    return out
+
+
 def run(args) -> int:
+    import json
     import sys
 
-    from omnimoe.atomic import atomic_path
+    from omnimoe.atomic import atomic_files, check_output
 
     tokens = parse_tokens(args.tokens)  # before any heavy import: a bad range fails fast
     output = Path(args.output)
-    if output.exists() and output.is_dir():
-        raise OmniMoEInputError(f"-o {output} is a directory; give the engine file path")
-    result = build_engine(
-        args.model,
-        backend=args.backend,
-        precision=args.precision,
-        tokens=tokens,
-        timing_cache=args.timing_cache,
-        progress=not args.no_progress,
-    )
-    with atomic_path(output) as tmp:
-        tmp.write_bytes(result.engine)
+    model_files = [args.model, f"{args.model}.data"]
+    check_output(output, inputs=[*model_files, args.timing_cache], what="engine")  # the output policy, before any work
+    if args.timing_cache:
+        check_output(args.timing_cache, inputs=[*model_files, output], what="timing cache")
+    native_build = args.plugins == "native"
+    outputs = [output, sidecar_path(output)]
+    if native_build:
+        from trt_plugins import native
+
+        sms = native.parse_sms(args.sm)
+        outputs += [output.with_name(native.LIBRARY_NAME), output.with_name(native.SOURCE_NAME)]
+        for extra in outputs[1:]:
+            check_output(extra, inputs=model_files, what="plugin library")
+        # Headers and compiler first: a missing toolchain is one line before any work.
+        native.library.find_compiler()
+        native.library.find_trt_include(args.trt_include)
+        native.library.find_cuda_include(args.cuda_include)
+        # The checks the engine build would make, before the kernels are compiled.
+        import trt_plugins
+        from export.schemas import DOMAIN, OPS
+
+        model = load_onnx_header(args.model)
+        trt = trt_plugins.load(args.backend)
+        _precision_plan(trt, onnx_precision(model), args.precision)
+        check_plugins_available(trt, model, registered={(op.op_type, DOMAIN) for op in OPS})
+        variants = native.variants_from_onnx(model)
+    console = None
+    if not args.no_progress:
+        from rich.console import Console
+
+        console = Console(stderr=True)
+    with atomic_files(outputs) as tmps:
+        library = None
+        if native_build:
+            kept = [v for v in _sibling_variants(output.parent, output) if v not in variants]
+            if console:
+                console.print(
+                    f"compiling the native plugin library for sm {','.join(map(str, sms))} "
+                    f"({len(variants)} kernel variants of this model"
+                    + (f", {len(kept)} kept for the other engines beside it" if kept else "") + ") ...",
+                    highlight=False, soft_wrap=True,
+                )
+            library = native.build_library(
+                variants + kept, tmps[2], sms=sms, trt_include=args.trt_include, cuda_include=args.cuda_include,
+                source=tmps[3],
+            )
+        result = build_engine(
+            args.model,
+            backend=args.backend,
+            precision=args.precision,
+            tokens=tokens,
+            timing_cache=args.timing_cache,
+            progress=not args.no_progress,
+            plugin_library=tmps[2] if library else None,
+        )
+        tmps[0].write_bytes(result.engine)
+        meta = {
+            "omnimoe_version": _omnimoe_version(),
+            "onnx": str(args.model),
+            "backend": result.backend,
+            "backend_version": result.backend_version,
+            "precision": result.precision,
+            "profiles": {name: [list(b) for b in bounds] for name, bounds in result.shapes.items()},
+            "plugins": args.plugins,
+            "plugin_library": native.LIBRARY_NAME if library else None,
+            "sms": library.info["sms"] if library else None,
+            "plugin_layers": [{"name": n, "plugin": p, "attributes": a} for n, p, a in result.plugin_layers],
+            "native": library.info if library else None,
+        }
+        tmps[1].write_text(json.dumps(meta, indent=2) + "\n")
     for note in result.notes:
         sys.stderr.write(f"omnimoe build: note: {note}\n")
     if args.timing_cache and result.timing_cache is not None:
-        with atomic_path(args.timing_cache) as tmp:
+        with atomic_files([args.timing_cache]) as (tmp,):
             tmp.write_bytes(result.timing_cache)
     profile = ", ".join(f"{name} {lo}..{hi}" for name, (lo, _, hi) in result.shapes.items()) or "static shapes"
     plugins = ", ".join(sorted({p for _, p, _ in result.plugin_layers})) or "no plugins"
@@ -451,4 +611,22 @@ def run(args) -> int:
         f"wrote {output} ({len(result.engine) / 2**20:.2f} MiB; {result.backend}, {result.precision}; "
         f"{profile}; {len(result.plugin_layers)} plugin layers: {plugins}; built in {result.seconds:.1f}s)\n"
     )
+    if library:
+        sizes = ", ".join(f"{k} {v / 1024:.0f} KiB" for k, v in library.info["kernel_bytes"].items())
+        sys.stdout.write(
+            f"wrote {output.with_name(native.LIBRARY_NAME)} (native plugins, {output.with_name(native.LIBRARY_NAME).stat().st_size / 2**20:.2f} MiB; "
+            f"kernels: {sizes}; AOT {library.seconds_compile_kernels:.1f}s + C++ {library.seconds_compile_cpp:.1f}s)\n"
+            f"run it without Python: trtexec --loadEngine={output} --dynamicPlugins={output.with_name(native.LIBRARY_NAME)}\n"
+        )
+    else:
+        sys.stdout.write("python plugins: the process that runs this engine must `import trt_plugins; trt_plugins.register()`\n")
     return 0
+
+
+def _omnimoe_version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("omnimoe")
+    except PackageNotFoundError:
+        return "unknown"

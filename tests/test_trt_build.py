@@ -348,7 +348,9 @@ def test_cli_export_then_build_from_a_checkpoint(tmp_path):
         assert proc.returncode == 0, proc.stderr
     assert engine.is_file() and engine.stat().st_size > 1000
     assert "2 plugin layers" in proc.stdout and "tensorrt-rtx" in proc.stdout
-    assert sorted(p.name for p in engine.parent.iterdir()) == ["layer.engine"]  # no temp files left
+    # The engine, what it holds, and its native plugin library (+ source); no temp files left.
+    assert sorted(p.name for p in engine.parent.iterdir()) == [
+        "layer.engine", "layer.engine.json", "libomnimoe_trt_plugins.so", "omnimoe_trt_plugins.cpp"]
 
 
 def _cli(argv) -> int:
@@ -423,7 +425,10 @@ def test_cli_malformed_onnx(tmp_path, capsys):
     model = onnx.load(str(bad))
     model.graph.initializer[0].CopyFrom(onnx.numpy_helper.from_array(np.ones((3, 4), np.float32), "w_x"))
     onnx.save(model, str(bad))
-    _expect_one_line_error(["build", str(bad), "-o", str(out), "--backend", RTX], capsys, "TensorRT could not parse")
+    _expect_one_line_error(["build", str(bad), "-o", str(out), "--backend", RTX, "--plugins", "python"], capsys,
+                           "TensorRT could not parse")
+    # The native build reads the shapes first (to compile kernels for them): it stops there.
+    _expect_one_line_error(["build", str(bad), "-o", str(out), "--backend", RTX], capsys, "shapes are inconsistent")
     assert not out.exists()
 
 

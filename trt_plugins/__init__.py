@@ -32,6 +32,7 @@ __all__ = [
     "register",
     "register_default_namespace_aliases",
     "resolve_backend",
+    "unregister",
 ]
 
 # TensorRT module name -> {op_type: creator instance}. Creators are kept alive here: the
@@ -85,6 +86,15 @@ def register_default_namespace_aliases(trt) -> None:
         if not registry.register_creator(creator, ""):
             raise RuntimeError(f"TensorRT refused to register the {op_type} plugin creator under namespace ''")
         aliases[op_type] = creator
+
+
+def unregister(trt) -> None:
+    """Remove this package's Python creators (and aliases) from `trt`'s registry, so that a
+    native plugin library with the same identity can be loaded in this process."""
+    registry = trt.get_plugin_registry()
+    for table in (_REGISTERED, _ALIASES):
+        for creator in table.pop(trt.__name__, {}).values():
+            registry.deregister_creator(creator)
 
 
 def is_registered(trt, op_type: str) -> bool:

@@ -13,7 +13,6 @@ compile it natively with the one command in `compile_command`.
 from __future__ import annotations
 
 import dataclasses
-import math
 import os
 import platform
 import shutil
@@ -111,9 +110,10 @@ def variants_from_onnx(model) -> list:
         if any(n.domain == DOMAIN for n in f.node):
             raise OmniMoEInputError("omnimoe nodes inside ONNX local functions are not supported by the native plugins")
     try:
-        inferred = onnx.shape_inference.infer_shapes(model)
-    except Exception:  # noqa: BLE001 - fall back to the shapes the model declares
-        inferred = model
+        inferred = onnx.shape_inference.infer_shapes(model, strict_mode=True)
+    except Exception as e:  # noqa: BLE001 - onnx raises several types; the first line says what is wrong
+        first = (str(e).strip().splitlines() or [type(e).__name__])[-1]
+        raise OmniMoEInputError(f"the ONNX model's shapes are inconsistent ({first.strip()})") from None
     shapes: dict[str, tuple] = {}
     for init in model.graph.initializer:
         shapes[init.name] = (tuple(init.dims), init.data_type)
@@ -144,9 +144,12 @@ def variants_from_onnx(model) -> list:
     variants = []
     for node in nodes:
         if node.op_type == PRODUCT_KEY_TOPK.op_type:
-            variants.append(
-                aot.TopKVariant(dim(node.input[0], 1, "grid side s", node), int(attr(node, "top_k")), text(attr(node, "gate")))
-            )
+            v = aot.TopKVariant(dim(node.input[0], 1, "grid side s", node), int(attr(node, "top_k")), text(attr(node, "gate")))
+            if not 1 <= v.top_k <= min(v.grid_side**2, 4096):
+                raise OmniMoEInputError(
+                    f"{node.op_type} node {node.name!r}: top_k={v.top_k} must be in 1..min(N = s*s = {v.grid_side**2}, 4096)"
+                )
+            variants.append(v)
         elif node.op_type == EXPERT_GROUPED_MATMUL.op_type:
             _, elem = shapes.get(node.input[1], ((), 0))
             if elem not in _ONNX_FLOAT:
@@ -162,11 +165,6 @@ def variants_from_onnx(model) -> list:
             )
         else:
             raise OmniMoEInputError(f"unknown op {DOMAIN}::{node.op_type} (node {node.name!r})")
-    for v in variants:
-        if isinstance(v, aot.TopKVariant) and not 1 <= v.top_k <= min(v.grid_side**2, 4096):
-            raise OmniMoEInputError(f"top_k={v.top_k} must be in 1..min(N, 4096) for the native router (s={v.grid_side})")
-        if isinstance(v, aot.ExpertsVariant) and math.isqrt(v.num_experts) ** 2 != v.num_experts:
-            raise OmniMoEInputError(f"N={v.num_experts} experts is not a perfect square")
     return list(dict.fromkeys(variants))
 
 
@@ -198,33 +196,33 @@ def build_library(
     sms=aot.DEFAULT_SMS,
     trt_include: str | None = None,
     cuda_include: str | None = None,
+    source=None,
     log=None,
 ) -> NativeLibrary:
-    """AOT-compile `variants` for `sms` and compile the plugin library to `output` (atomically,
-    with the generated source beside it)."""
+    """AOT-compile `variants` for `sms` and compile the plugin library to `output`, with the
+    generated source at `source` (default: SOURCE_NAME beside it). Callers that need the two files
+    to appear atomically pass temporary paths (omnimoe build does)."""
     import time
-
-    from omnimoe.atomic import atomic_files
 
     if not variants:
         raise OmniMoEInputError("the model has no omnimoe nodes: it needs no plugin library")
     compiler = find_compiler()
     trt_dir, cuda_dir = find_trt_include(trt_include), find_cuda_include(cuda_include)
     output = Path(output)
+    source = Path(source) if source is not None else output.with_name(SOURCE_NAME)
     t0 = time.perf_counter()
     library = aot.compile_variants(variants, sms, log=log)
     t1 = time.perf_counter()
     source_text = codegen.render(library)
-    source_final = output.with_name(SOURCE_NAME) if output.name == LIBRARY_NAME else output.with_suffix(".cpp")
-    with atomic_files([output, source_final]) as (tmp_so, tmp_cpp):
-        tmp_cpp.write_text(source_text)
-        cmd = compile_command(tmp_cpp, tmp_so, trt_dir, cuda_dir, compiler)
-        if log:
-            log(f"compiling {output.name} with {Path(compiler).name} ({len(source_text) / 2**20:.1f} MiB of C++)")
-        proc = subprocess.run(cmd, capture_output=True, text=True)
-        if proc.returncode != 0:
-            first = next((ln for ln in proc.stderr.splitlines() if "error" in ln), proc.stderr.strip()[:300])
-            raise OmniMoEInputError(f"the C++ plugin library failed to compile: {first}")
+    output.parent.mkdir(parents=True, exist_ok=True)
+    source.write_text(source_text)
+    cmd = compile_command(source, output, trt_dir, cuda_dir, compiler)
+    if log:
+        log(f"compiling {output.name} with {Path(compiler).name} ({len(source_text) / 2**20:.1f} MiB of C++)")
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        first = next((ln for ln in proc.stderr.splitlines() if "error" in ln), proc.stderr.strip()[:300])
+        raise OmniMoEInputError(f"the C++ plugin library failed to compile: {first}")
     t2 = time.perf_counter()
-    final_cmd = compile_command(source_final.name, output.name, trt_dir, cuda_dir, Path(compiler).name)
-    return NativeLibrary(output, source_final, codegen.info(library), final_cmd, t1 - t0, t2 - t1)
+    final_cmd = compile_command(SOURCE_NAME, LIBRARY_NAME, trt_dir, cuda_dir, Path(compiler).name)
+    return NativeLibrary(output, source, codegen.info(library), final_cmd, t1 - t0, t2 - t1)
