@@ -356,10 +356,24 @@ class BuildResult:
     backend_version: str
     precision: str
     shapes: dict
+    io: list  # [{"name", "kind": input|output, "dtype": TensorRT type name, "shape": [-1 = dynamic, ...]}]
     plugin_layers: list  # (layer name, plugin name, attrs)
     seconds: float
     timing_cache: bytes | None = None
     notes: list = dataclasses.field(default_factory=list)
+
+
+def _network_io(parsed: ParsedNetwork) -> list:
+    """The network's inputs and outputs: name, TensorRT data type and shape (-1 where dynamic)."""
+    from trt_plugins._tensors import type_name
+
+    network, out = parsed.network, []
+    for kind, count, get in (("input", network.num_inputs, network.get_input),
+                             ("output", network.num_outputs, network.get_output)):
+        for i in range(count):
+            t = get(i)
+            out.append({"name": t.name, "kind": kind, "dtype": type_name(t.dtype), "shape": [int(d) for d in t.shape]})
+    return out
 
 
 def _plugin_layers(parsed: ParsedNetwork) -> list:
@@ -487,6 +501,7 @@ def _build(trt, model_path, model, engine_precision, strongly_typed, tokens, tim
         precision=engine_precision,
         shapes=shapes,
         plugin_layers=_plugin_layers(parsed),
+        io=_network_io(parsed),
         seconds=seconds,
         timing_cache=cache_bytes,
         notes=notes,
@@ -592,6 +607,7 @@ def run(args) -> int:
             "backend": result.backend,
             "backend_version": result.backend_version,
             "precision": result.precision,
+            "io": result.io,
             "profiles": {name: [list(b) for b in bounds] for name, bounds in result.shapes.items()},
             "plugins": args.plugins,
             "plugin_library": native.LIBRARY_NAME if library else None,
