@@ -513,6 +513,25 @@ def sidecar_path(engine: Path) -> Path:
     return engine.with_name(engine.name + ".json")
 
 
+def engine_plugin_library(engine: Path) -> Path | None:
+    """The native plugin library an engine was built with (from its sidecar; else a library
+    beside an engine without sidecar), or None for Python-plugin engines."""
+    import json
+
+    from trt_plugins.native import LIBRARY_NAME
+
+    engine = Path(engine)
+    meta_path = sidecar_path(engine)
+    if meta_path.is_file():
+        try:
+            name = json.loads(meta_path.read_text()).get("plugin_library")
+        except (ValueError, AttributeError):
+            raise OmniMoEInputError(f"{meta_path}: not the JSON `omnimoe build` writes") from None
+        return engine.with_name(name) if name else None
+    beside = engine.with_name(LIBRARY_NAME)
+    return beside if beside.is_file() else None
+
+
 def _sibling_variants(directory: Path, engine: Path) -> list:
     """Kernel variants of the other engines in `directory` that use the library there: the new
     library keeps them, so building a second engine beside the first never breaks the first."""

@@ -127,7 +127,8 @@ def onnxrt_runner(path: Path, name: str, providers=None, routing_outputs: bool =
 
 
 def trt_runner(engine_path: Path, name: str = "trt"):
-    """polygraphy's TrtRunner on a serialized engine, with our plugins registered.
+    """polygraphy's TrtRunner on a serialized engine, with its plugins loaded: the native library
+    the engine was built with (`omnimoe build --plugins native`), else the Python plugins.
 
     Needs a TensorRT runtime that can execute engines on this GPU (TensorRT >= 10 on a datacenter
     GPU or Jetson). TensorRT-RTX cannot execute on sm_90 and there is no GPU in CI.
@@ -144,10 +145,17 @@ def trt_runner(engine_path: Path, name: str = "trt"):
     from polygraphy.backend.common import BytesFromPath
 
     import trt_plugins
+    from deploy.build import engine_plugin_library, load_plugin_library
 
-    trt_plugins.register()
     if not Path(engine_path).is_file():
         raise OmniMoEInputError(f"{engine_path}: no such engine file")
+    library = engine_plugin_library(Path(engine_path))
+    if library is None:
+        trt_plugins.register()
+    elif not library.is_file():
+        raise OmniMoEInputError(f"{engine_path} needs its plugin library {library}, which is missing")
+    else:
+        load_plugin_library(trt_plugins.load("tensorrt"), library)
     return TrtRunner(EngineFromBytes(BytesFromPath(str(engine_path))), name=name)
 
 
