@@ -15,6 +15,10 @@ from .errors import OmniMoEInputError
 _SIDE_STREAMS: dict[torch.device, torch.cuda.Stream] = {}
 # Fewer tokens than this: the routed path runs on the caller's stream (inference fast path).
 _SIDE_STREAM_MIN_TOKENS = 256
+# Eval + no-grad Triton inference replays a CUDA graph per token count up to this many tokens
+# (decode), keeping at most _GRAPH_CACHE_SIZE graphs per layer.
+_GRAPH_MAX_TOKENS = 64
+_GRAPH_CACHE_SIZE = 8
 
 
 def _side_stream(device: torch.device) -> torch.cuda.Stream | None:
@@ -31,7 +35,11 @@ class OmniMoELayer(nn.Module):
 
     Parameter names match the upstream flash-algo/omni-moe module, so its state_dicts load as is.
     `backend`: "reference" (pure PyTorch, differentiable) or "triton" (fused GPU kernels).
+    `decode_cuda_graphs` (triton, eval, no grad, CUDA, <= 64 tokens): replay a CUDA graph per token
+    count instead of launching each kernel from Python; set it False on an instance to launch.
     """
+
+    decode_cuda_graphs = True
 
     def __init__(self, config: OmniMoEConfig, backend: str = "reference", device=None, dtype=None):
         super().__init__()
@@ -54,6 +62,12 @@ class OmniMoELayer(nn.Module):
         self.down_embed = nn.Embedding(n, d, **factory)
         nn.init.normal_(self.up_embed.weight, std=d**-0.5)
         nn.init.normal_(self.down_embed.weight, std=d**-0.5)
+
+    def __getstate__(self):
+        # Captured CUDA graphs are per process and cannot be copied; copies re-capture on use.
+        state = self.__dict__.copy()
+        state.pop("_decode_graphs", None)
+        return state
 
     @property
     def backend(self) -> str:
@@ -219,10 +233,72 @@ class OmniMoELayer(nn.Module):
         return gates, indices
 
     def _forward_fast(self, x2: torch.Tensor) -> torch.Tensor:
-        """As _forward_fused, with fewer and cheaper launches: the router tail in one kernel
-        (K <= 64), compiled kernels launched directly (kernels._launch.FastLaunch), no argument
-        re-checks between our own kernels, and the side stream only from _SIDE_STREAM_MIN_TOKENS
-        tokens (below, the stream switches cost more host time than the overlap saves)."""
+        """Eval + no-grad Triton inference. Up to _GRAPH_MAX_TOKENS tokens on CUDA (decode), the
+        forward replays a CUDA graph captured per token count (see _forward_graphed): one copy,
+        one replay and one clone of host work instead of ~10 launches. Otherwise _forward_launch."""
+        T = x2.shape[0]
+        if (self.decode_cuda_graphs and 0 < T <= _GRAPH_MAX_TOKENS and x2.is_cuda
+                and not torch.cuda.is_current_stream_capturing() and not torch.is_autocast_enabled()):
+            y = self._forward_graphed(x2)
+            if y is not None:
+                return y
+        return self._forward_launch(x2)
+
+    def _forward_graphed(self, x2: torch.Tensor) -> torch.Tensor | None:
+        """Replay of a CUDA graph of _forward_launch for this token count, dtype and device.
+
+        A graph reads fixed addresses: the entry is re-captured when any tensor it reads moved
+        (a parameter replaced, the cached router weights rebuilt after an in-place update); an
+        in-place update at the same address needs nothing. The graph replays on the caller's
+        current stream; a call from another stream than the previous one first waits for it.
+        Returns None (and turns graphs off for this layer) if capture fails."""
+        w, affine = self._router_inference_params()
+        srcs = [w, self.up_embed.weight, self.down_embed.weight]
+        if affine is not None:
+            srcs += affine
+        if self.config.intermediate_size > 0:
+            srcs += [self.gate_proj.weight, self.up_proj.weight, self.down_proj.weight]
+        sig = tuple(t.data_ptr() for t in srcs)
+        graphs = self.__dict__.setdefault("_decode_graphs", {})
+        key = (x2.shape[0], x2.dtype, x2.device)
+        entry = graphs.get(key)
+        stream = torch.cuda.current_stream(x2.device)
+        if entry is None or entry[0] != sig:
+            graphs.pop(key, None)
+            if len(graphs) >= _GRAPH_CACHE_SIZE:
+                graphs.pop(next(iter(graphs)))  # oldest first
+            try:
+                entry = (sig, *self._capture_graph(x2), stream)
+            except RuntimeError:
+                self.decode_cuda_graphs = False
+                return None
+            graphs[key] = entry
+        _, static_x, static_y, graph, last = entry
+        if last != stream:
+            stream.wait_stream(last)
+            graphs[key] = entry[:4] + (stream,)
+        static_x.copy_(x2)
+        graph.replay()
+        return static_y.clone()
+
+    def _capture_graph(self, x2: torch.Tensor):
+        static_x = x2.clone()
+        main = torch.cuda.current_stream(x2.device)
+        warm = torch.cuda.Stream(x2.device)
+        warm.wait_stream(main)
+        with torch.cuda.stream(warm):
+            self._forward_launch(static_x)  # compiles kernels, creates cuBLAS handles/workspaces
+        main.wait_stream(warm)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, capture_error_mode="thread_local"):
+            static_y = self._forward_launch(static_x)
+        return static_x, static_y, graph
+
+    def _forward_launch(self, x2: torch.Tensor) -> torch.Tensor:
+        """As _forward_fused, with fewer launches: the router tail in one kernel (K <= 64), no
+        argument re-checks between our own kernels, and the side stream only from
+        _SIDE_STREAM_MIN_TOKENS tokens (below, the stream switches cost more host time than the
+        overlap saves)."""
         from .kernels import experts as ke
         from .kernels.swiglu import gated_act_fast
 
@@ -233,9 +309,11 @@ class OmniMoELayer(nn.Module):
             return y
         up, down = self.up_embed.weight, self.down_embed.weight
         act = ke.ACT_IDS[cfg.hidden_act]
-        token = not ke.use_expert_centric(T, cfg.top_k, cfg.num_experts)
-        if token and (up.dtype != x2.dtype or down.dtype != x2.dtype or not (up.is_contiguous() and down.is_contiguous())):
-            token = False  # let the public launcher state what is wrong
+        # Schedule: dense GEMMs at high routing density, else token-centric or the expert-centric
+        # one `expert_grouped_matmul_triton` picks (it also states what is wrong with odd inputs).
+        plain = up.dtype == x2.dtype and down.dtype == x2.dtype and up.is_contiguous() and down.is_contiguous()
+        dense = plain and ke.use_dense(T, cfg.top_k, cfg.num_experts)
+        token = plain and not dense and not ke.use_expert_centric(T, cfg.top_k, cfg.num_experts)
         shared = cfg.intermediate_size > 0
         side = _side_stream(x2.device) if shared and T >= _SIDE_STREAM_MIN_TOKENS else None
         if side is not None:
@@ -243,7 +321,9 @@ class OmniMoELayer(nn.Module):
             side.wait_stream(main)
         with torch.cuda.stream(side) if side is not None else contextlib.nullcontext():
             gates, indices = self._route_fast(x2)
-            if token:
+            if dense:
+                ke._dense_launch(x2, up, down, gates, indices, act, y)
+            elif token:
                 ke.token_centric_fast(x2, up, down, gates, indices, y, act)
             else:
                 ke.expert_grouped_matmul_triton(x2, up, down, gates, indices, cfg.hidden_act, out=y)

@@ -5,8 +5,10 @@ For each config: eager median ms (CUDA events around each call, no sync between 
 scripts/bench_layer.py), host-only submission time per call (perf_counter over many calls, then
 one sync), CUDA-graph replay ms, the plain torch dense MLP (3 GEMMs + act + mul) for scale, and
 with --baseline FILE an older layer.py (loaded as a module, same weights) timed side by side.
-Also per-launch host costs: F.linear, torch.empty, a Triton launch through kernel[grid] and
-through kernels._launch.FastLaunch, a side-stream round trip.
+"new" is the layer as it runs by default (decode CUDA graphs up to 64 tokens), "new_launch" the
+same layer with decode_cuda_graphs=False. Also per-launch host costs: F.linear, torch.empty, a
+Triton launch through kernel[grid], the layer's unchecked and the public expert launcher, a
+side-stream round trip.
 
     python3 scripts/bench_eager.py [--configs decode_t1,decode_t64,readme] [--baseline old_layer.py] [--json out.json]
 """
@@ -119,7 +121,7 @@ def launch_costs() -> dict:
         "F.linear_us": _host_us(lambda: F.linear(x, w), n),
         "torch.empty_us": _host_us(lambda: torch.empty((1, K), device=dev), n),
         "triton_kernel[grid]_us": _host_us(lambda: ke._token_centric_kernel[(1,)](x, up, up, g, idx, y, d, K, N, **meta), n),
-        "triton_fastlaunch_us": _host_us(lambda: ke.token_centric_fast(x, up, up, g, idx, y, 0), n),
+        "token_centric_fast_us": _host_us(lambda: ke.token_centric_fast(x, up, up, g, idx, y, 0), n),
         "public_launcher_us": _host_us(lambda: ke.expert_grouped_matmul_triton(x, up, up, g, idx, "silu", out=y), n),
         "side_stream_round_trip_us": _host_us(side_trip, n),
     }
@@ -141,7 +143,7 @@ def run_config(name, baseline_cls, iters) -> dict:
         layer.router_gate_x.weight.normal_(0, d**-0.5)
         layer.router_gate_y.weight.normal_(0, d**-0.5)
     x = torch.randn(t, d, device=dev, dtype=torch.bfloat16)
-    impls = {"new": layer}
+    impls = {"new": layer, "new_launch": layer}
     if baseline_cls is not None:
         old = baseline_cls(cfg, backend="triton", device="meta", dtype=torch.bfloat16).eval()
         for sub in _SUBMODULES:
@@ -153,6 +155,7 @@ def run_config(name, baseline_cls, iters) -> dict:
     with torch.inference_mode():
         y_new = layer(x)
         for key, m in impls.items():
+            layer.decode_cuda_graphs = key != "new_launch"
             y = m(x)
             res[f"{key}_rel_diff_vs_new"] = float((y.float() - y_new.float()).norm() / y_new.float().norm())
             res[f"{key}_eager_ms"] = _events(lambda: m(x), iters)
@@ -188,8 +191,8 @@ def main() -> int:
         out["configs"].append(r)
     if args.json:
         Path(args.json).write_text(json.dumps(out, indent=1) + "\n")
-    cols = ["new_eager_ms", "old_eager_ms", "new_host_us", "old_host_us", "new_graph_ms", "old_graph_ms",
-            "dense_torch_eager_ms", "old_rel_diff_vs_new"]
+    cols = ["new_eager_ms", "new_launch_eager_ms", "old_eager_ms", "new_host_us", "new_launch_host_us", "old_host_us",
+            "new_graph_ms", "old_graph_ms", "dense_torch_eager_ms", "new_launch_rel_diff_vs_new", "old_rel_diff_vs_new"]
     print("| config | " + " | ".join(cols) + " |")
     for r in out["configs"]:
         print(f"| {r['name']} | " + " | ".join(f"{r[c]:.4g}" if c in r else "-" for c in cols) + " |")

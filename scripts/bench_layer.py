@@ -127,7 +127,7 @@ def worker(name: str, iters: int) -> dict:
     from omnimoe.baselines import dense_mlp_forward, peer_forward
     from omnimoe.config import OmniMoEConfig
     from omnimoe.kernels import expert_grouped_matmul_triton, use_expert_centric
-    from omnimoe.kernels.experts import EXPERT_CENTRIC_SCHEDULE
+    from omnimoe.kernels.experts import EXPERT_CENTRIC_SCHEDULE, expert_dense_matmul, use_dense
     from omnimoe.layer import OmniMoELayer
 
     d, inter, n, k, t = CONFIGS[name]
@@ -143,7 +143,9 @@ def worker(name: str, iters: int) -> dict:
         layer.router_gate_x.weight.normal_(0, d**-0.5)
         layer.router_gate_y.weight.normal_(0, d**-0.5)
     x = torch.randn(t, d, device=dev, dtype=torch.bfloat16)
-    res = {"name": name, "d": d, "I": inter, "N": n, "K": k, "T": t, "schedule": EXPERT_CENTRIC_SCHEDULE if use_expert_centric(t, k, n) else "token"}
+    # The schedule the layer's inference path runs (OmniMoELayer._forward_launch).
+    schedule = "dense" if use_dense(t, k, n) else (EXPERT_CENTRIC_SCHEDULE if use_expert_centric(t, k, n) else "token")
+    res = {"name": name, "d": d, "I": inter, "N": n, "K": k, "T": t, "schedule": schedule}
     with torch.inference_mode():
         t0 = time.perf_counter()
         y_tri = layer(x)
@@ -214,6 +216,9 @@ def worker(name: str, iters: int) -> dict:
         for sched in ("token", "expert", "hybrid"):
             y32 = expert_grouped_matmul_triton(x32, up32, down32, gs, is_, "silu", schedule=sched)
             res[f"rel_err_fp32_{sched}"] = float((y32 - y32_ref).norm() / y32_ref.norm())
+        y32 = _guard(lambda: expert_dense_matmul(x32, up32, down32, gs, is_, "silu"))
+        if not isinstance(y32, dict):
+            res["rel_err_fp32_dense"] = float((y32 - y32_ref).norm() / y32_ref.norm())
         del up32, down32
 
         # Expert op alone under each schedule (bf16), to justify the auto choice.
@@ -222,6 +227,8 @@ def worker(name: str, iters: int) -> dict:
             sched: _time(lambda: expert_grouped_matmul_triton(x, up, down, g_tri, i_tri, "silu", schedule=sched), iters)
             for sched in ("token", "expert", "hybrid")
         }
+        res["experts_only"]["dense"] = _guard(lambda: _time(
+            lambda: expert_dense_matmul(x, up, down, g_tri, i_tri, "silu"), iters, warmup=1, adaptive=True))
         from omnimoe.kernels import product_key_topk_triton
 
         px = torch.log_softmax(layer.router_gate_x(x).float(), -1)
@@ -278,7 +285,7 @@ def table(results: list[dict]) -> str:
         tgt = f"{TARGETS_MS.get(name, '-')} / {TARGETS_EAGER_MS.get(name, '-')}"
         misses = _misses(r)
         met = "-" if name not in TARGETS_MS and name not in TARGETS_EAGER_MS else ("yes" if not misses else "no: " + ", ".join(misses))
-        fp32 = max(r.get(f"rel_err_fp32_{k}", float("nan")) for k in ("token", "expert", "hybrid"))
+        fp32 = max(r.get(f"rel_err_fp32_{k}", float("nan")) for k in ("token", "expert", "hybrid", "dense"))
         lines.append(
             f"| {name} | {r['T']} | {r['N']} | {r['K']} | {_fmt(r, 'dense')} | {_fmt(r, 'peer')} | {_fmt(r, 'reference')} "
             f"| {_fmt(r, 'triton')} | {_fmt(r, 'triton_graph')} | {r['roofline_ms']:.3f} "

@@ -184,6 +184,37 @@ def _expert_case(T, d, N, K, act, schedule, prealloc=False, dups=False, seed=0):
         assert rel_err(y, yr) <= 1e-5, rel_err(y, yr)
 
 
+def _dense_case(T, d, N, K, act, chunk_rows=None, dtype=torch.float32, seed=0, device="cpu"):
+    from omnimoe.kernels import experts as ke
+
+    gen = torch.Generator().manual_seed(seed)
+    x, up, down, g, idx = _expert_inputs(T, d, N, K, gen, device=device)  # distinct ids per token
+    x, up, down = x.to(dtype), up.to(dtype), down.to(dtype)
+    default = ke._DENSE_CHUNK_ELEMENTS
+    if chunk_rows:
+        ke._DENSE_CHUNK_ELEMENTS = chunk_rows * N
+    try:
+        out = torch.full((T, d), float("nan"), dtype=dtype, device=device)
+        y = ke.expert_dense_matmul(x, up, down, g, idx, act, out=out)
+    finally:
+        ke._DENSE_CHUNK_ELEMENTS = default
+    assert y.data_ptr() == out.data_ptr()
+    yr = ops.expert_grouped_matmul_reference(x, up, down, g, idx, act)
+    assert rel_err(y, yr) <= (1e-5 if dtype == torch.float32 else 1e-2), rel_err(y, yr)
+
+
+def _layer_dense_case():
+    from omnimoe.kernels import experts as ke
+
+    default = ke.DENSE_MIN_TOKENS
+    ke.DENSE_MIN_TOKENS = 4  # the dense schedule at interpreter sizes
+    try:
+        assert ke.use_dense(10, 6, 16)
+        _layer_case("product", "silu", T=10, K=6)
+    finally:
+        ke.DENSE_MIN_TOKENS = default
+
+
 def _layer_case(gate, act, router_norm="batchnorm", inter=16, T=10, K=6, N=16, grad=False):
     """The whole triton-backend layer (fused SwiGLU product and residual add included) vs the reference.
 
@@ -256,6 +287,10 @@ INTERP_CASES = {
     "layer_grad_enabled_fused_path": lambda: _layer_case("product", "gelu", grad=True),
     "layer_expert_centric_fast_path": lambda: _layer_case("softmax", "silu", T=70, K=6),  # 70*6 >= 20*16
     "layer_large_k_fast_path": lambda: _layer_case("product", "silu", T=6, K=70, N=100, inter=8),  # K > 64: unfused tail
+    "layer_dense_fast_path": _layer_dense_case,
+    **{f"experts_dense_{act}": (lambda a=act: _dense_case(7, 24, 36, 5, a, seed=20)) for act in ACTS},
+    "experts_dense_k_eq_n_chunked": lambda: _dense_case(5, 16, 9, 9, "silu", chunk_rows=2, seed=21),
+    "experts_dense_t1": lambda: _dense_case(1, 16, 25, 3, "gelu", seed=22),
     "router_logits_norm_product": lambda: _router_logits_case(5, 8, 16, "product"),
     "router_logits_no_norm_softmax": lambda: _router_logits_case(4, 6, 1, "softmax", norm=False, seed=1),
     "router_logits_k_eq_n": lambda: _router_logits_case(3, 5, 25, "softmax", seed=2),
@@ -288,6 +323,10 @@ def test_schedule_choice():
     assert not use_expert_centric(64, 16, 4096)  # decode
     assert not use_expert_centric(4096, 16, 4096)  # readme: token-centric measured faster
     assert use_expert_centric(4096, 512, 102400)  # paper configs: ~20 tokens per expert
+    from omnimoe.kernels.experts import use_dense
+
+    assert not use_dense(4096, 512, 102400) and use_dense(4096, 2048, 102400) and use_dense(4096, 4096, 102400)
+    assert not use_dense(4096, 16, 4096) and not use_dense(64, 4096, 102400)
 
 
 def test_cpu_tensors_need_interpreter_or_cuda():
@@ -420,9 +459,17 @@ def test_gpu_router_logits_fused(s, K, dtype):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-def test_gpu_fast_launch_reuses_and_respecialises():
-    """FastLaunch (cached compiled kernel) gives what the public launcher gives, also when a
-    pointer's 16-byte alignment (a Triton specialisation) changes between calls."""
+def test_gpu_dense_schedule():
+    _dense_case(300, 256, 4096, 64, "silu", device="cuda")
+    _dense_case(300, 256, 4096, 64, "gelu", dtype=torch.bfloat16, chunk_rows=128, seed=1, device="cuda")
+    _dense_case(7, 96, 400, 400, "relu", dtype=torch.float16, seed=2, device="cuda")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_gpu_token_centric_fast_matches_public_launcher():
+    """The layer's unchecked token-centric launch gives what the public launcher gives, also on a
+    misaligned view (another Triton specialisation)."""
     from omnimoe.kernels import expert_grouped_matmul_triton
     from omnimoe.kernels import experts as ke
 
@@ -431,12 +478,54 @@ def test_gpu_fast_launch_reuses_and_respecialises():
     x, up, down, g, idx = _expert_inputs(T + 1, d, N, K, gen, device="cuda")
     x, up, down = x.to(torch.bfloat16), up.to(torch.bfloat16), down.to(torch.bfloat16)
     g, idx = g[:T].contiguous(), idx[:T].contiguous()
-    for off in (0, 1, 0, 1):  # aligned, misaligned (other specialisation), both again from the cache
+    for off in (0, 1, 0):
         xs = x.view(-1)[off : off + T * d].view(T, d)
         y = torch.full((T, d), float("nan"), device="cuda", dtype=torch.bfloat16)
         ke.token_centric_fast(xs, up, down, g, idx, y, ke.ACT_IDS["silu"])
         assert torch.equal(y, expert_grouped_matmul_triton(xs, up, down, g, idx, "silu", schedule="token"))
-    assert len(ke._TOKEN_CENTRIC_LAUNCH.cache) >= 2
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_gpu_decode_graphs_follow_inputs_weights_and_streams():
+    """Small-T inference replays per-T CUDA graphs: same result as launching, on new inputs, after
+    in-place weight updates (same addresses), after router weight updates (the cached router
+    weights are rebuilt elsewhere: re-capture), after a parameter is replaced, from another stream."""
+    import copy
+
+    from omnimoe.config import OmniMoEConfig
+    from omnimoe.layer import OmniMoELayer
+
+    torch.manual_seed(1)
+    cfg = OmniMoEConfig(hidden_size=128, intermediate_size=256, num_experts=4096, top_k=16)
+    layer = OmniMoELayer(cfg, backend="triton", device="cuda", dtype=torch.bfloat16).eval()
+    ref = copy.deepcopy(layer)
+    ref.decode_cuda_graphs = False
+
+    def check(T):
+        x = torch.randn(T, 128, device="cuda", dtype=torch.bfloat16)
+        y, yr = layer(x), ref(x)
+        assert rel_err(y, yr) <= 1e-3, (T, rel_err(y, yr))
+        return y
+
+    with torch.inference_mode():
+        for T in (1, 3, 1, 64, 3):
+            check(T)
+        assert set(k[0] for k in layer._decode_graphs) == {1, 3, 64}
+        y1 = check(1)
+        assert y1.data_ptr() != check(1).data_ptr()  # outputs are copies, not the graph's buffer
+        for m in (layer, ref):
+            m.down_embed.weight.mul_(2)  # in place: same addresses
+            m.router_gate_x.weight.add_(0.05)  # router cache rebuilt
+        check(1)
+        for m in (layer, ref):
+            m.up_proj.weight = torch.nn.Parameter(m.up_proj.weight * 0.5)  # replaced
+        check(1)
+        other = torch.cuda.Stream()
+        with torch.cuda.stream(other):
+            check(1)
+        check(1)
+        copy.deepcopy(layer)  # graphs are not copied
 
 
 @pytest.mark.parametrize("N,K,T", [(4096, 16, 1024), (16384, 512, 256), (1 << 20, 16, 8), (1 << 20, 16, 1)])

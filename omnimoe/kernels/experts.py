@@ -23,7 +23,7 @@ import triton
 import triton.language as tl
 
 from .. import ops
-from ._launch import Carver, FastLaunch, check_device, check_out, next_pow2
+from ._launch import Carver, check_device, check_out, next_pow2
 
 ACT_IDS = {"silu": 0, "gelu": 1, "relu": 2, "gelu_tanh": 3}
 
@@ -241,17 +241,16 @@ def expert_tile_config(fp32: bool, act: int, store_h: bool) -> dict:
                 IEEE=fp32, SPLIT=not fp32, STORE_H=store_h, num_warps=4)
 
 
-_TOKEN_CENTRIC_LAUNCH = FastLaunch(_token_centric_kernel)
 _token_centric_config_cached = functools.lru_cache(maxsize=64)(token_centric_config)
 
 
 def token_centric_fast(x, up, down, gates, indices, out, act: int) -> None:
-    """Unchecked token-centric launch through the cached compiled kernel (layer inference hot
-    path; same kernel and launch config as `_launch_token_centric`). Caller guarantees the
-    contract `expert_grouped_matmul_triton` checks: contiguous tensors, matching shapes, T > 0."""
+    """Unchecked token-centric launch (layer inference hot path; same kernel and launch config as
+    `_launch_token_centric`). Caller guarantees the contract `expert_grouped_matmul_triton`
+    checks: contiguous tensors, matching shapes and dtypes, T > 0."""
     D, K, N = x.shape[1], gates.shape[1], up.shape[0]
-    _TOKEN_CENTRIC_LAUNCH((x.shape[0],), (x, up, down, gates, indices, out, D, K, N),
-                          _token_centric_config_cached(D, K, act, False))
+    _token_centric_kernel[(x.shape[0],)](x, up, down, gates, indices, out, D, K, N,
+                                         **_token_centric_config_cached(D, K, act, False))
 
 
 def _launch_token_centric(x, up, down, g, indices, out, D, K, N, act, h_given):
@@ -334,3 +333,80 @@ def expert_grouped_matmul_triton(
     elif target is not out:
         out.copy_(target)
     return out
+
+
+# ----------------------------------------------------------------------------- dense (high density)
+# Dense formulation for high routing density (K/N): Y = (act(X Up^T) o G) Down with G the routed
+# gates scattered into [T, N]. Two tensor-core GEMMs (cuBLAS, 4*T*N*d FLOPs whatever K is) and one
+# Triton pass over the T*K pairs, instead of moving one up and one down row per (token, expert)
+# pair (2*T*K*d elements). S = X Up^T is rounded to x's dtype by the GEMM (as a bf16 PEER-style
+# layer rounds it); act(S) * g is computed in fp32 and rounded to x's dtype for the second GEMM.
+# Token chunks keep each [t, N] buffer (S and H) at most this many elements.
+_DENSE_CHUNK_ELEMENTS = 1 << 29
+# OmniMoELayer's inference takes the dense schedule from this density K/N and token count on.
+DENSE_MIN_DENSITY = 1.0 / 64
+DENSE_MIN_TOKENS = 256
+
+
+def use_dense(T: int, K: int, N: int) -> bool:
+    """Dense schedule (layer inference) when the routed pairs fill at least DENSE_MIN_DENSITY of
+    the [T, N] grid and T is large enough for the GEMMs to fill the GPU."""
+    return T >= DENSE_MIN_TOKENS and K >= DENSE_MIN_DENSITY * N
+
+
+@triton.jit
+def _dense_pairs_kernel(s_ptr, g_ptr, idx_ptr, h_ptr, N, K, ACT: tl.constexpr, BLOCK_K: tl.constexpr):
+    """H[t, e] = act(S[t, e]) * g for each of token t's pairs (H zeroed before; ids distinct per
+    token, as the router emits them; out-of-range ids are skipped)."""
+    t = tl.program_id(0).to(tl.int64)
+    kk = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
+    km = kk < K
+    e = tl.load(idx_ptr + t * K + kk, mask=km, other=0)
+    km = km & (e >= 0) & (e < N)
+    g = tl.load(g_ptr + t * K + kk, mask=km, other=0.0)
+    sv = tl.load(s_ptr + t * N + e, mask=km, other=0.0).to(tl.float32)
+    tl.store(h_ptr + t * N + e, (_act(sv, ACT) * g).to(h_ptr.dtype.element_ty), mask=km)
+
+
+def expert_dense_matmul(
+    x: torch.Tensor,
+    up: torch.Tensor,
+    down: torch.Tensor,
+    gates: torch.Tensor,
+    indices: torch.Tensor,
+    activation: str,
+    *,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """y [T,d] = (act(x up^T) o G) down, G[t, indices[t,k]] = gates[t,k]: the routed experts as two
+    dense GEMMs (ops.expert_grouped_matmul_reference when each token's ids are distinct, which
+    the product-key router guarantees; a repeated id counts once here, twice there).
+
+    Cost does not depend on K: 4*T*N*d FLOPs on tensor cores plus [T, N] scratch traffic, so it
+    wins over the gathering schedules at high density K/N (see OmniMoELayer). Not a TensorRT
+    plugin schedule (cuBLAS GEMMs); allocates [t, N] scratch per token chunk."""
+    T, D, N, K = ops.check_expert_inputs(x, up, down, gates, indices, activation)
+    check_device(x, up, down, gates, indices)
+    if x.dtype not in (torch.float32, torch.float16, torch.bfloat16) or up.dtype != x.dtype or down.dtype != x.dtype:
+        raise ops.OmniMoEInputError(f"x, up, down must share one of fp32/fp16/bf16, got {x.dtype}/{up.dtype}/{down.dtype}")
+    if out is None:
+        out = torch.empty((T, D), dtype=x.dtype, device=x.device)
+    check_out(out, (T, D), x.dtype, x.device, "out")
+    _dense_launch(x.contiguous(), up, down, gates.contiguous(), indices.contiguous(), ACT_IDS[activation], out)
+    return out
+
+
+def _dense_launch(x, up, down, gates, indices, act: int, out) -> None:
+    """Unchecked dense schedule (layer inference path): x, gates, indices contiguous, out [T, d]."""
+    T, N, K = x.shape[0], up.shape[0], gates.shape[1]
+    rows = max(1, min(T, _DENSE_CHUNK_ELEMENTS // N))
+    block_k = min(1024, max(16, next_pow2(K)))
+    for t0 in range(0, T, rows):
+        t1 = min(T, t0 + rows)
+        s = torch.mm(x[t0:t1], up.t())
+        h = torch.zeros_like(s)
+        _dense_pairs_kernel[(t1 - t0, triton.cdiv(K, block_k))](
+            s, gates[t0:t1], indices[t0:t1], h, N, K, ACT=act, BLOCK_K=block_k, num_warps=4,
+        )
+        del s
+        torch.mm(h, down, out=out[t0:t1])

@@ -30,7 +30,7 @@ import triton
 import triton.language as tl
 
 from .. import ops
-from ._launch import Carver, FastLaunch, check_device, check_out, next_pow2
+from ._launch import Carver, check_device, check_out, next_pow2
 
 # Int32 words of per-token scratch per axis rank: x vals, y vals, x idx, y idx, row prefix,
 # tie prefix, strict counts.
@@ -413,7 +413,6 @@ def router_logits_kernel_config(grid_side: int, top_k: int, gate: str, has_norm:
                 BLOCK_A=max(16, next_pow2(ka)), BLOCK_K=max(16, next_pow2(K)), num_warps=_small_num_warps(s, ka))
 
 
-_ROUTER_LOGITS_LAUNCH = FastLaunch(_router_logits_topk_small_kernel)
 _router_logits_config_cached = functools.lru_cache(maxsize=64)(router_logits_kernel_config)
 
 
@@ -422,8 +421,8 @@ def _router_logits_topk_launch(logits, scale, shift, s, K, gate, gates_out, indi
     meta = _router_logits_config_cached(s, K, gate, scale is not None)
     if scale is None:
         scale = shift = logits  # never read (HAS_NORM=False)
-    _ROUTER_LOGITS_LAUNCH(
-        (logits.shape[0],), (logits, scale, shift, gates_out, indices_out, s, K, min(K, s), logits.stride(0)), meta
+    _router_logits_topk_small_kernel[(logits.shape[0],)](
+        logits, scale, shift, gates_out, indices_out, s, K, min(K, s), logits.stride(0), **meta
     )
 
 

@@ -11,7 +11,7 @@ import triton
 import triton.language as tl
 
 from ..errors import OmniMoEInputError
-from ._launch import FastLaunch, check_device
+from ._launch import check_device
 from .experts import ACT_IDS, _act
 
 
@@ -40,7 +40,6 @@ def gated_act_triton(gate: torch.Tensor, up: torch.Tensor, activation_name: str)
     return out
 
 
-_GATED_ACT_LAUNCH = FastLaunch(_gated_act_kernel)
 _GATED_ACT_BLOCK = 2048
 
 
@@ -50,6 +49,5 @@ def gated_act_fast(gate: torch.Tensor, up: torch.Tensor, act: int) -> torch.Tens
     out = torch.empty_like(gate)
     n = gate.numel()
     if n:
-        _GATED_ACT_LAUNCH((triton.cdiv(n, _GATED_ACT_BLOCK),), (gate, up, out, n),
-                          {"ACT": act, "BLOCK": _GATED_ACT_BLOCK})
+        _gated_act_kernel[(triton.cdiv(n, _GATED_ACT_BLOCK),)](gate, up, out, n, ACT=act, BLOCK=_GATED_ACT_BLOCK)
     return out
