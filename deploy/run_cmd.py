@@ -21,8 +21,10 @@ ENGINE_SUFFIXES = (".engine", ".plan", ".trt")
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("target", metavar="MODEL.onnx|MODEL.engine|CKPT_DIR")
-    parser.add_argument("--input", required=True, metavar="X.npy|X.npz", help="input array")
-    parser.add_argument("-o", "--output", required=True, metavar="Y.npy|Y.npz")
+    parser.add_argument("--input", required=True, metavar="X.npy|X.npz|X.json",
+                        help="input array (.json: polygraphy's input format, every iteration it holds is run)")
+    parser.add_argument("-o", "--output", required=True, metavar="Y.npy|Y.npz|Y.json",
+                        help="output (.json: polygraphy's format, a list of {output name: array}, one per iteration)")
     parser.add_argument("--backend", choices=("reference", "triton"), default="reference",
                         help="checkpoints only: triton runs the fused kernels on a CUDA GPU")
     parser.add_argument("--providers", metavar="cuda,tensorrt,cpu",
@@ -49,12 +51,13 @@ def _check_engine_profile(runner, path: Path, name: str, x: np.ndarray) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from deploy import runners as R
+    from deploy.feeds import load_feeds
     from export.ort import resolve_providers
     from omnimoe.atomic import atomic_path, check_output
 
     target, out = Path(args.target), Path(args.output)
-    if out.suffix not in (".npy", ".npz"):
-        raise OmniMoEInputError(f"{out}: the output file must end in .npy or .npz")
+    if out.suffix not in (".npy", ".npz", ".json"):
+        raise OmniMoEInputError(f"{out}: the output file must end in .npy, .npz or .json")
     check_output(out, inputs=[args.input, target])
     providers = resolve_providers(args.providers)
     with contextlib.ExitStack() as stack:
@@ -63,27 +66,38 @@ def run(args: argparse.Namespace) -> int:
                 raise OmniMoEInputError(f"{target}: no such engine file")
             runner = stack.enter_context(R.trt_runner(target))
             (name, _), = runner.get_input_metadata().items()
-            x = R.load_array(args.input, name)
-            _check_engine_profile(runner, target, name, x)
+            xs = load_feeds(args.input, name)
+            for x in xs:
+                _check_engine_profile(runner, target, name, x)
             output_name = None
         else:
             setup = R.open_target(target)
             names = ["torch-triton" if args.backend == "triton" else "torch"] if setup.model is not None else None
             (runner,) = R.build_runners(setup, names, stack=stack, providers=providers)
             name, output_name = setup.input_name, setup.output_name
-            x = R.check_input(setup, R.load_array(args.input, name))
+            xs = [R.check_input(setup, x) for x in load_feeds(args.input, name)]
             stack.enter_context(runner)
-        _warn_nonfinite(x, "the input")
-        outputs = runner.infer({name: x})
-    # Keep the model's own output (the torch runner also reports routing).
-    outputs = {k: np.asarray(v) for k, v in outputs.items() if output_name is None or k == output_name}
-    for key, value in outputs.items():
-        _warn_nonfinite(value, f"output {key}")
+        if len(xs) > 1 and out.suffix != ".json":
+            raise OmniMoEInputError(f"{args.input} holds {len(xs)} iterations; write their outputs to a .json file")
+        results = []
+        for x in xs:
+            _warn_nonfinite(x, "the input")
+            # Keep the model's own output (the torch runner also reports routing); copy it out of the runner.
+            results.append({k: np.array(v) for k, v in runner.infer({name: x}).items() if output_name is None or k == output_name})
+    for outputs in results:
+        for key, value in outputs.items():
+            _warn_nonfinite(value, f"output {key}")
     with atomic_path(out) as tmp:
-        with open(tmp, "wb") as f:
-            if out.suffix == ".npz":
-                np.savez(f, **outputs)
-            else:
-                np.save(f, next(iter(outputs.values())))
-    print(f"wrote {out} ({', '.join(f'{k} {list(v.shape)}' for k, v in outputs.items())})")
+        if out.suffix == ".json":
+            from polygraphy.json import save_json
+
+            save_json(results, str(tmp), description="outputs")
+        else:
+            with open(tmp, "wb") as f:
+                if out.suffix == ".npz":
+                    np.savez(f, **results[0])
+                else:
+                    np.save(f, next(iter(results[0].values())))
+    shapes = ", ".join(f"{k} {list(v.shape)}" for k, v in results[0].items())
+    print(f"wrote {out} ({shapes}" + (f" x {len(results)} iterations)" if len(results) > 1 else ")"))
     return 0
