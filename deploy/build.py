@@ -240,11 +240,20 @@ class ParsedNetwork:
         return out
 
 
+def native_library_error(path) -> str:
+    """The last error message of a loaded native plugin library ('' if none)."""
+    from trt_plugins.native import NativeLib
+
+    return NativeLib(path).error().removeprefix("omnimoe native plugins: ")
+
+
 def load_plugin_library(trt, path) -> object:
     """Load a native plugin library into `trt`'s registry, in place of the Python plugins (same
-    names and namespace); returns the handle for `deregister_library`."""
+    names and namespace); returns the handle for `deregister_library`. Its messages reach the
+    caller through `native_library_error` (TensorRT-RTX gives plugin libraries no logger)."""
     import trt_plugins
 
+    os.environ["OMNIMOE_NATIVE_QUIET"] = "1"
     trt_plugins.unregister(trt)
     handle = trt.get_plugin_registry().load_library(str(path))
     if handle is None:
@@ -436,6 +445,12 @@ def build_engine(
     try:
         return _build(trt, model_path, model, engine_precision, strongly_typed, tokens, timing_cache, progress,
                       python_plugins=handle is None)
+    except OmniMoEInputError:
+        # The library's own message says what is wrong (TensorRT's only says a plugin failed).
+        reason = native_library_error(plugin_library) if handle is not None else ""
+        if reason:
+            raise OmniMoEInputError(f"TensorRT failed to build an engine from {model_path}: {_one_line(reason)}") from None
+        raise
     finally:
         if handle is not None:
             # Unloaded again: a later Python-plugin build in this process must not pick it up.

@@ -20,6 +20,7 @@
 #include <cstdarg>
 #include <cstdint>
 #include <cstdio>
+#include <cstdlib>
 #include <cstring>
 #include <map>
 #include <mutex>
@@ -76,7 +77,8 @@ struct ExpertsVariant
 // Errors: one message, to TensorRT's logger when it gave us one, else stderr
 // ------------------------------------------------------------------------------------------------
 static ILoggerFinder* gLoggerFinder = nullptr;
-static thread_local char gLastError[1024];
+// The last message, for callers without a TensorRT logger (omnimoe build reads it through the C ABI).
+static char gLastError[1024];
 
 static void report(char const* fmt, ...)
 {
@@ -86,9 +88,10 @@ static void report(char const* fmt, ...)
     std::vsnprintf(gLastError + n, sizeof(gLastError) - n, fmt, ap);
     va_end(ap);
     ILogger* logger = gLoggerFinder ? gLoggerFinder->findLogger() : nullptr;
+    char const* quiet = std::getenv("OMNIMOE_NATIVE_QUIET");
     if (logger)
         logger->log(ILogger::Severity::kERROR, gLastError);
-    else
+    else if (!quiet || std::strcmp(quiet, "1") != 0)
         std::fprintf(stderr, "%s\n", gLastError);
 }
 

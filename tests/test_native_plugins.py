@@ -1,0 +1,258 @@
+"""The native plugin library on CPU (issue 10): it compiles from a clean clone, and engines build
+with it in a process that holds nothing but TensorRT-RTX and the `.so`.
+
+What the GPU runs (launches, enqueue, CUDA graphs, SM fallback) is in test_native_plugins_gpu.py.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import onnx
+import pytest
+import torch
+
+from export.schemas import DOMAIN, OPS, OPSET_VERSION
+from omnimoe.errors import OmniMoEInputError
+
+trt_plugins = pytest.importorskip("trt_plugins")
+try:
+    trt_plugins.resolve_backend("tensorrt-rtx")
+except OmniMoEInputError:
+    pytest.skip("TensorRT-RTX is not installed", allow_module_level=True)
+if shutil.which("g++") is None:
+    pytest.skip("no g++ on this machine", allow_module_level=True)
+
+from test_trt_build import _small_layer, _small_lm, make_plugin_graph  # noqa: E402
+
+from deploy import build as build_mod  # noqa: E402
+from deploy.cli import main as cli_main  # noqa: E402
+from omnimoe.kernels import expert_workspace_bytes, topk_workspace_bytes  # noqa: E402
+from trt_plugins import native  # noqa: E402
+from trt_plugins.native import codegen  # noqa: E402
+
+RTX = "tensorrt-rtx"
+SMS = "87,90"  # two cubins + the PTX fallback keep these tests quick; the CLI test covers the default
+
+
+def _cli(argv) -> int:
+    try:
+        return cli_main([str(a) for a in argv])
+    except SystemExit as e:
+        return int(e.code)
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    """Plugin graphs of a layer (fp32, fp16, bf16; gelu, K=6 <= s=8) and of TinyOmniLM."""
+    from export.onnx_export import export_onnx
+
+    directory = tmp_path_factory.mktemp("native_models")
+    axes = ({0: "batch", 1: "seq"},)
+    paths = {}
+    layer = _small_layer(act="gelu")
+    for dt in ("fp32", "fp16", "bf16"):
+        paths[f"layer-{dt}"] = directory / f"layer-{dt}.onnx"
+        export_onnx(layer, paths[f"layer-{dt}"], example_inputs=(torch.zeros(2, 3, 32),), ops="plugin", dtype=dt,
+                    input_names=["x"], output_names=["y"], dynamic_shapes=axes)
+    paths["lm"] = directory / "lm.onnx"
+    export_onnx(_small_lm(), paths["lm"], example_inputs=(torch.zeros(2, 3, dtype=torch.long),), ops="plugin",
+                input_names=["input_ids"], output_names=["logits"], dynamic_shapes=axes)
+    return paths
+
+
+@pytest.fixture(scope="module")
+def library(models, tmp_path_factory):
+    """One library for every model above, as `omnimoe build` makes it."""
+    variants = []
+    for path in models.values():
+        variants += [v for v in native.variants_from_onnx(path) if v not in variants]
+    out = tmp_path_factory.mktemp("native_lib") / native.LIBRARY_NAME
+    return native.build_library(variants, out, sms=native.parse_sms(SMS))
+
+
+def test_variants_from_the_onnx_graph(models):
+    assert native.variants_from_onnx(models["layer-bf16"]) == [
+        native.TopKVariant(8, 6, "softmax"), native.ExpertsVariant(32, 64, 6, "bf16", "gelu")]
+    lm = native.variants_from_onnx(models["lm"])
+    assert {type(v) for v in lm} == {native.TopKVariant, native.ExpertsVariant}
+
+
+def test_library_has_no_python_torch_or_triton_dependency(library):
+    assert library.path.is_file() and library.source.is_file()
+    deps = subprocess.run(["ldd", str(library.path)], capture_output=True, text=True, check=True).stdout
+    for forbidden in ("python", "torch", "triton", "nvinfer", "tensorrt", "libcuda"):
+        assert forbidden not in deps, deps
+    symbols = subprocess.run(["nm", "-D", "--defined-only", str(library.path)], capture_output=True, text=True).stdout
+    assert "getCreators" in symbols and "setLoggerFinder" in symbols
+    info = library.info
+    assert info["sms"] == [87, 90] and set(info["kernel_bytes"]) == {"sm_87", "sm_90", "ptx_sm_80"}
+    assert all(size > 10_000 for size in info["kernel_bytes"].values())
+
+
+def test_workspace_sizes_match_the_python_plugins(library):
+    lib = native.NativeLib(library.path)
+    for T in (1, 7, 300, 4096, 70_000):
+        for s, K in ((8, 6), (16, 64), (16, 65), (12, 100), (1024, 4096)):
+            assert lib.topk_workspace_bytes(T, s, K) == topk_workspace_bytes(T, s, K)
+        for K, N, d in ((6, 64, 32), (16, 1_048_576, 1024), (512, 102_400, 1024)):
+            assert lib.experts_workspace_bytes(T, K, N, d) == expert_workspace_bytes(T, K, N, d)
+
+
+_STANDALONE = textwrap.dedent(
+    """
+    import json, sys
+    import tensorrt_rtx as trt
+
+    library, results = sys.argv[1], []
+    logger = trt.Logger(trt.Logger.ERROR)
+    registry = trt.get_plugin_registry()
+    assert registry.load_library(library) is not None
+    creators = {c.name: c for c in registry.all_creators if c.plugin_namespace == "omnimoe"}
+    contract = {name: [c.plugin_version, [(f.name, str(f.type)) for f in c.field_names]] for name, c in creators.items()}
+    for onnx_path, token_input in zip(sys.argv[2::2], sys.argv[3::2]):
+        builder = trt.Builder(logger)
+        network = builder.create_network(1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED))
+        parser = trt.OnnxParser(network, logger)
+        ok = parser.parse_from_file(onnx_path)
+        errors = [parser.get_error(i).desc() for i in range(parser.num_errors)]
+        plugin_layers = sum(network.get_layer(i).type == trt.LayerType.PLUGIN_V3 for i in range(network.num_layers))
+        config = builder.create_builder_config()
+        profile = builder.create_optimization_profile()
+        x = network.get_input(0)
+        dims = [int(d) for d in x.shape]
+        lo, hi = [1 if d < 0 else d for d in dims], [1 if d < 0 else d for d in dims]
+        hi[-1 if token_input == "ids" else -2] = 64
+        profile.set_shape(x.name, lo, lo, hi)
+        config.add_optimization_profile(profile)
+        engine = builder.build_serialized_network(network, config) if ok else None
+        results.append({"onnx": onnx_path, "parsed": ok, "errors": errors, "plugin_layers": plugin_layers,
+                        "engine_bytes": 0 if engine is None else len(bytes(memoryview(engine)))})
+    leaked = [m for m in ("torch", "triton", "omnimoe", "trt_plugins", "deploy", "export") if m in sys.modules]
+    print(json.dumps({"results": results, "leaked": leaked, "contract": contract}))
+    """
+)
+
+
+def test_engines_build_in_a_process_with_only_tensorrt_and_the_library(models, library, tmp_path):
+    trt_plugins.load(RTX)  # the wheel's libtensorrt_rtx.so link (SPEC §4), made once here
+    script = tmp_path / "standalone.py"
+    script.write_text(_STANDALONE)
+    argv = [sys.executable, str(script), str(library.path)]
+    for name in ("layer-fp32", "layer-fp16", "layer-bf16", "lm"):
+        argv += [str(models[name]), "ids" if name == "lm" else "x"]
+    proc = subprocess.run(argv, capture_output=True, text=True, cwd=tmp_path, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    report = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert report["leaked"] == []
+    for r in report["results"]:
+        assert r["parsed"] and not r["errors"], r
+        assert r["plugin_layers"] >= 2 and r["engine_bytes"] > 10_000, r
+    # The library's creators carry exactly the declared identity and fields.
+    for op in OPS:
+        version, fields = report["contract"][op.op_type]
+        assert version == str(OPSET_VERSION)
+        assert fields == [[a.name, "PluginFieldType.INT32" if a.kind == "int" else "PluginFieldType.CHAR"]
+                          for a in op.attributes]
+
+
+def test_a_library_without_the_models_kernels_fails_the_build_clearly(library, tmp_path):
+    other = make_plugin_graph(tmp_path / "other.onnx", s=4, d=8, top_k=3)  # variants the library does not hold
+    with pytest.raises(OmniMoEInputError, match="no kernel compiled for"):
+        build_mod.build_engine(other, backend=RTX, tokens="1:8:16", plugin_library=library.path)
+    # The library is unloaded again: the same process still builds with the Python plugins.
+    result = build_mod.build_engine(other, backend=RTX, tokens="1:8:16")
+    assert len(result.engine) > 1000
+
+
+def test_bad_fields_are_refused_by_the_creator(library):
+    trt = trt_plugins.load(RTX)
+    handle = build_mod.load_plugin_library(trt, library.path)
+    try:
+        creator = trt.get_plugin_registry().get_creator("OmniProductKeyTopK", "1", DOMAIN)
+        from trt_fields import plugin_fields
+
+        good = creator.create_plugin("ok", plugin_fields(trt, top_k=4, gate="product"), trt.TensorRTPhase.BUILD)
+        assert good is not None
+        for bad in (dict(top_k=4, gate="bogus"), dict(top_k=0, gate="product"), dict(gate="product")):
+            try:
+                plugin = creator.create_plugin("bad", plugin_fields(trt, **bad), trt.TensorRTPhase.BUILD)
+            except Exception:  # noqa: BLE001 - some bindings raise on a null plugin
+                plugin = None
+            assert plugin is None, bad
+    finally:
+        trt.get_plugin_registry().deregister_library(handle)
+    trt_plugins.register(trt)
+
+
+def test_cli_native_build_writes_engine_library_and_sidecar(models, tmp_path, capsys):
+    engine = tmp_path / "out" / "layer.engine"
+    assert _cli(["build", models["layer-bf16"], "-o", engine, "--backend", RTX, "--sm", SMS, "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    assert f"wrote {engine}" in out and f"wrote {engine.with_name(native.LIBRARY_NAME)}" in out and "sm_90" in out
+    meta = json.loads((tmp_path / "out" / "layer.engine.json").read_text())
+    assert meta["plugins"] == "native" and meta["plugin_library"] == native.LIBRARY_NAME and meta["sms"] == [87, 90]
+    assert meta["precision"] == "bf16" and [io["name"] for io in meta["io"]] == ["x", "y"]
+    assert build_mod.engine_plugin_library(engine) == engine.with_name(native.LIBRARY_NAME)
+
+    # A second engine beside it: the rebuilt library keeps the first engine's kernels too.
+    lm_engine = tmp_path / "out" / "lm.engine"
+    assert _cli(["build", models["lm"], "-o", lm_engine, "--backend", RTX, "--sm", SMS, "--no-progress",
+                 "--tokens", "1:8:32"]) == 0
+    lib = native.NativeLib(engine.with_name(native.LIBRARY_NAME))
+    held = {json.dumps(v, sort_keys=True) for v in lib.info()["variants"]}
+    for v in meta["native"]["variants"]:
+        assert json.dumps(v, sort_keys=True) in held
+
+    python_engine = tmp_path / "py" / "layer.engine"
+    assert _cli(["build", models["layer-fp32"], "-o", python_engine, "--backend", RTX, "--plugins", "python",
+                 "--no-progress"]) == 0
+    assert sorted(p.name for p in python_engine.parent.iterdir()) == ["layer.engine", "layer.engine.json"]
+    assert build_mod.engine_plugin_library(python_engine) is None
+
+
+@pytest.mark.parametrize(
+    "extra,needle",
+    [
+        (["--sm", "101"], "--sm 101 is not supported"),
+        (["--sm", "x86"], "--sm takes compute capabilities"),
+        (["--trt-include", "/nonexistent"], "no NvInferRuntime.h"),
+        (["--cuda-include", "/nonexistent"], "no cuda.h"),
+    ],
+)
+def test_cli_native_bad_input_is_one_line(models, tmp_path, capsys, extra, needle):
+    engine = tmp_path / "e.engine"
+    assert _cli(["build", models["layer-fp32"], "-o", engine, "--backend", RTX, *extra]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and needle in err, err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_cli_without_a_compiler_says_what_to_install(models, tmp_path, capsys, monkeypatch):
+    empty = tmp_path / "bin"
+    empty.mkdir()
+    monkeypatch.setenv("PATH", str(empty))
+    monkeypatch.setenv("CXX", "/nonexistent/g++")
+    assert _cli(["build", models["layer-fp32"], "-o", tmp_path / "e.engine", "--backend", RTX]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "g++" in err and "--plugins python" in err, err
+
+
+def test_default_sms_are_one_list():
+    assert build_mod.NATIVE_DEFAULT_SMS == native.DEFAULT_SMS
+    assert set(native.DEFAULT_SMS) <= set(native.SUPPORTED_SMS)
+
+
+def test_generated_source_restates_no_contract_by_hand():
+    """plugins.cpp names no op, field or constant itself: they all come from the generated half."""
+    text = codegen.HANDWRITTEN.read_text()
+    for op in OPS:
+        assert op.op_type not in text
+        for a in op.attributes:
+            assert f'"{a.name}"' not in text
+    assert f'"{DOMAIN}"' not in text
+    assert text.count(codegen.MARKER) == 1
