@@ -28,7 +28,7 @@ TOOLS = ("omnimoe", "torch", "onnx", "onnxruntime", "onnxruntime-gpu", "onnxrunt
 # What `omnimoe build` records in <engine>.json (missing keys are shown as unknown).
 # safetensors' and ONNX's dtype names -> the names omnimoe uses for precision
 PRECISION_NAMES = {"F32": "fp32", "F16": "fp16", "BF16": "bf16", "float": "fp32", "float16": "fp16", "bfloat16": "bf16"}
-ENGINE_RECORD_KEYS = ("omnimoe_version", "backend", "backend_version", "precision", "profiles", "plugins",
+ENGINE_RECORD_KEYS = ("omnimoe_version", "backend", "backend_version", "precision", "io", "profiles", "plugins",
                       "plugin_library", "sms", "plugin_layers", "onnx")
 
 
@@ -276,9 +276,19 @@ def _text(info: dict, indent: str = "") -> list[str]:
             add(f"built by omnimoe {info['omnimoe_version'] or unknown} with {info['backend'] or unknown} "
                 f"{info['backend_version'] or ''}".rstrip())
             add(f"precision {info['precision'] or unknown}; source ONNX {info['onnx'] or unknown}")
+            for v in info["io"] or []:
+                if isinstance(v, dict):
+                    add(f"{v.get('kind', 'tensor')} {v.get('name')} {str(v.get('dtype', '')).lower()} "
+                        f"{_shape([None if d == -1 else d for d in v.get('shape') or []])}")
             plugins = info["plugins"] or unknown
-            library = f" ({info['plugin_library']})" if info["plugin_library"] else (" (no library recorded)" if info["plugins"] else "")
-            add(f"plugins {plugins}{library}; kernels for SMs {', '.join(map(str, info['sms'])) if info['sms'] else unknown}")
+            library = f" ({info['plugin_library']})" if info["plugin_library"] else ""
+            if info["sms"]:
+                kernels = "kernels for SMs " + ", ".join(map(str, info["sms"]))
+            elif info["plugins"] == "python":
+                kernels = "kernels compiled by Triton when the engine runs"
+            else:
+                kernels = f"kernels for SMs {unknown}"
+            add(f"plugins {plugins}{library}; {kernels}")
             profiles = info["profiles"]
             profiles = [profiles] if isinstance(profiles, dict) else profiles if isinstance(profiles, list) else []
             for index, profile in enumerate(profiles):
@@ -288,8 +298,12 @@ def _text(info: dict, indent: str = "") -> list[str]:
                         + " / ".join(_shape(s) if isinstance(s, (list, tuple)) else str(s) for s in shapes))
             if not profiles:
                 add(f"profiles {unknown}")
-            if info["plugin_layers"]:
-                add("plugin layers: " + ", ".join(map(str, info["plugin_layers"])))
+            for layer in info["plugin_layers"] or []:
+                if isinstance(layer, dict):
+                    attrs = ", ".join(f"{k}={v}" for k, v in (layer.get("attributes") or {}).items())
+                    add(f"plugin layer {layer.get('name')}: {layer.get('plugin')}" + (f" ({attrs})" if attrs else ""))
+                else:
+                    add(f"plugin layer {layer}")
     if not indent:
         lines.append("tools here: " + ", ".join(f"{k} {v}" for k, v in info["tools"].items()))
     return lines

@@ -96,6 +96,20 @@ def test_inspect_engine_reads_the_build_record(tmp_path, capsys):
     assert code == 0 and "precision unknown" in out and "profiles unknown" in out
 
 
+def test_inspect_an_engine_omnimoe_build_made(artifacts, tmp_path, capsys):
+    """TensorRT-RTX builds without a GPU: the record `omnimoe build` writes is what inspect shows."""
+    root, _ = artifacts
+    code, _, err = run_cli(["build", root / "plugin.onnx", "-o", tmp_path / "layer.engine", "--plugins", "python",
+                            "--tokens", "1:64:512"], capsys)
+    assert code == 0, err
+    info = inspect(tmp_path / "layer.engine", capsys)
+    assert info["build_record"] == "layer.engine.json" and info["plugins"] == "python"
+    assert info["profiles"] == {"x": [[1, 1, 16], [1, 64, 16], [1, 512, 16]]}
+    assert sorted(layer["plugin"] for layer in info["plugin_layers"]) == ["OmniExpertGroupedMatMul", "OmniProductKeyTopK"]
+    code, out, _ = run_cli(["inspect", tmp_path / "layer.engine"], capsys)
+    assert code == 0 and "input x float [?, ?, 16]" in out and "OmniProductKeyTopK (" in out and "top_k=4" in out
+
+
 def test_inspect_bad_input_is_one_line_exit_2(tmp_path, capsys):
     (tmp_path / "junk.onnx").write_bytes(b"\x01garbage")
     (tmp_path / "x.engine").write_bytes(b"x")

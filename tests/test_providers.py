@@ -20,9 +20,11 @@ def models(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("providers")
     make_layer_ckpt(root / "ckpt")
+    make_layer_ckpt(root / "wrong", gate="softmax")
     model_dir = root / "models"
     for ops in ("plugin", "standard"):
         assert cli(["export", str(root / "ckpt"), "-o", str(model_dir / f"{ops}.onnx"), "--ops", ops]) == 0
+    assert cli(["export", str(root / "wrong"), "-o", str(model_dir / "wrong.onnx")]) == 0
     model_dir.chmod(stat.S_IRUSR | stat.S_IXUSR | stat.S_IRGRP | stat.S_IXGRP | stat.S_IROTH | stat.S_IXOTH)
     yield root / "ckpt", model_dir
     model_dir.chmod(0o755)
@@ -45,6 +47,10 @@ def test_parity_never_writes_the_model_directory(models, tmp_path, capsys):
     code, out, err = run_cli(["parity", model_dir / "plugin.onnx", "--input", tmp_path / "x.npy",
                               "--load-results", tmp_path / "res.json"], capsys)
     assert code == 0, out + err
+    # ... and a wrong model (softmax instead of product gates) in the same read-only directory still fails.
+    code, out, err = run_cli(["parity", ckpt, "--onnx", model_dir / "wrong.onnx", "--report", tmp_path / "r.json"], capsys)
+    assert code == 1, out + err
+    assert json.loads((tmp_path / "r.json").read_text())["runners"]["onnxrt-plugin"]["routing"]["mode"] == "indices"
     assert _snapshot(model_dir) == before
 
 
