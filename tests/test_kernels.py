@@ -547,10 +547,12 @@ def test_gpu_layer_matches_reference_and_graph_replays(N, K, T):
         px, py = layer.router_log_probs(x)
         _, i_ref = layer.route(x)
         layer.backend = "triton"
-        # Both top-Ks are exact on log-probs equal up to rounding (the fused router tail computes its
-        # own log-softmax): at most near-ties differ.
+        # Both top-Ks are exact, on log-probs equal up to rounding: for K <= 64 the fused router tail
+        # computes its own log-softmax, whose last bits differ from torch's, and bf16 logits make
+        # exact score ties across axes common, so ~0.5% of tokens (H200, N=4096) swap a tied expert.
+        # Only near-ties may differ.
         differs, near = ops.routing_near_ties(px, py, i_ref, i_tri, 1e-4)
-        assert not (differs & ~near).any() and differs.float().mean() <= 0.001
+        assert not (differs & ~near).any() and differs.float().mean() <= 0.02
         agree = ~differs
         assert rel_err(y[agree], yr[agree]) <= 1e-2
         # Whole-layer CUDA graph: capture once, replay on new data in the captured input buffer.
