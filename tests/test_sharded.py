@@ -120,3 +120,28 @@ def test_bad_shard_indexes_are_one_line_exit_2(full_model, tmp_path, capsys):
     (tmp_path / "empty").mkdir()
     code, _, err = run_cli(["convert", tmp_path / "empty", "-o", tmp_path / "out", "--top-k", 2], capsys)
     assert code == 2 and "model.safetensors.index.json" in err
+
+
+def _mapped_file(address: int) -> str | None:
+    """The file a process address is mapped from (Linux /proc/self/maps), None for anonymous memory."""
+    with open("/proc/self/maps") as maps:
+        for line in maps:
+            fields = line.split()
+            lo, hi = (int(x, 16) for x in fields[0].split("-"))
+            if lo <= address < hi:
+                return fields[5] if len(fields) > 5 and fields[5].startswith("/") else None
+    return None
+
+
+@pytest.mark.skipif(not __import__("os").path.exists("/proc/self/maps"), reason="needs Linux /proc")
+def test_sharded_tables_stay_memory_mapped(tmp_path):
+    """Every weight of a sharded checkpoint is the shard file's memory map, not a copy in RAM."""
+    torch.manual_seed(0)
+    layer = OmniMoELayer(OmniMoEConfig(hidden_size=64, num_experts=1024, top_k=4, intermediate_size=32)).eval()
+    layer.save_pretrained(tmp_path / "ck")
+    (tmp_path / "ck" / "model.safetensors").unlink()
+    weight_map = write_sharded(tmp_path / "ck", layer.state_dict(), 3)
+    again = OmniMoELayer.from_pretrained(tmp_path / "ck")
+    for name, tensor in again.state_dict().items():
+        if tensor.numel() > 1:
+            assert _mapped_file(tensor.data_ptr()) == str(tmp_path / "ck" / weight_map[name]), name
