@@ -74,10 +74,11 @@ def run(args: argparse.Namespace) -> int:
         console.print(f"[yellow]skipping the engine build: {e}")
         have_trt = False
     if have_trt:
-        if step("6. TensorRT engine from the custom-op graph (builds on CPU with TensorRT-RTX)",
-                ["build", plugin_onnx, "-o", engine, "--tokens", "1:48:64"]):
+        if step("6. TensorRT engine + native plugin library (C++ plugins, AOT Triton kernels; builds on CPU with TensorRT-RTX)",
+                ["build", plugin_onnx, "-o", engine, "--tokens", "1:48:64", "--plugins", "native"]):
             return 1
         artifacts["engine"] = engine
+        artifacts["plugin library"] = engine.with_name("libomnimoe_trt_plugins.so")
         console.print("engine execution needs a GPU TensorRT supports (not verified on our machines; see README)")
 
     console.rule("[bold]summary")
