@@ -63,6 +63,17 @@ def add_arguments(parser) -> None:
                         "(default: $TENSORRT_INCLUDE_DIR, the SDK's usual places, the kernel-lens wheel's copy)")
     parser.add_argument("--cuda-include", default=None, metavar="DIR", help="directory with cuda.h (default: $CUDA_HOME, "
                         "/usr/local/cuda, the triton wheel's copy)")
+    for bound in ("min", "opt", "max"):
+        parser.add_argument(
+            f"--{bound}-shapes", action="append", default=[], metavar="NAME:AxBxC[,NAME:...]",
+            help=f"{bound} shapes of an optimization profile, as trtexec spells them (repeat the three flags for "
+            "several profiles; batch > 1 allowed; replaces --tokens)",
+        )
+    parser.add_argument(
+        "--mem-pool-size", default=None, metavar="workspace:SIZE",
+        help="workspace limit as trtexec spells it (SIZE in MiB, or with a K/M/G suffix); the plugins' workspace at the "
+        "profile maximum must fit",
+    )
     parser.add_argument("--timing-cache", default=None, metavar="FILE", help="read (if present) and update this timing cache")
     parser.add_argument("--no-progress", action="store_true", help="do not show build progress")
 
@@ -87,6 +98,89 @@ def parse_tokens(text: str) -> tuple[int, int, int]:
     if hi > 2**31 - 1:
         raise OmniMoEInputError(f"--tokens MAX must fit in int32, got {hi}")
     return lo, opt, hi
+
+
+def parse_shapes(text: str, flag: str) -> dict[str, tuple[int, ...]]:
+    """trtexec's 'x:1x256x64,ids:4x128' -> {'x': (1, 256, 64), 'ids': (4, 128)}."""
+    shapes = {}
+    for item in str(text).split(","):
+        name, sep, dims = item.strip().rpartition(":")
+        try:
+            if not sep or not name:
+                raise ValueError
+            shape = tuple(int(d) for d in dims.lower().split("x"))
+        except ValueError:
+            raise OmniMoEInputError(f"{flag} takes NAME:AxBxC[,NAME:AxBxC], got {item.strip()!r}") from None
+        if any(d < 0 for d in shape):
+            raise OmniMoEInputError(f"{flag} {name}: dimensions must be >= 0, got {dims}")
+        if name in shapes:
+            raise OmniMoEInputError(f"{flag} names input {name!r} twice")
+        shapes[name] = shape
+    return shapes
+
+
+def parse_profiles(mins, opts, maxs) -> list[dict]:
+    """The k-th --min/--opt/--max-shapes form profile k: [{input: (min, opt, max)}, ...]."""
+    if not (len(mins) == len(opts) == len(maxs)):
+        raise OmniMoEInputError(
+            f"give --min-shapes, --opt-shapes and --max-shapes once per profile (got {len(mins)}, {len(opts)}, {len(maxs)})"
+        )
+    profiles = []
+    for k, texts in enumerate(zip(mins, opts, maxs)):
+        bounds = [parse_shapes(t, f"--{b}-shapes") for t, b in zip(texts, ("min", "opt", "max"))]
+        if not (bounds[0].keys() == bounds[1].keys() == bounds[2].keys()):
+            raise OmniMoEInputError(f"profile {k}: --min/--opt/--max-shapes must name the same inputs")
+        profile = {}
+        for name in bounds[0]:
+            lo, opt, hi = (b[name] for b in bounds)
+            if not (len(lo) == len(opt) == len(hi)) or not all(a <= b <= c for a, b, c in zip(lo, opt, hi)):
+                raise OmniMoEInputError(f"profile {k}, input {name}: needs min <= opt <= max of one rank, got {lo}, {opt}, {hi}")
+            profile[name] = (lo, opt, hi)
+        profiles.append(profile)
+    return profiles
+
+
+def parse_mem_pool(text: str | None) -> int | None:
+    """trtexec's --memPoolSize 'workspace:SIZE' (MiB, or a K/M/G suffix) -> bytes."""
+    if text is None:
+        return None
+    pool, sep, size = str(text).partition(":")
+    if not sep or pool.strip().lower() != "workspace":
+        raise OmniMoEInputError(f"--mem-pool-size takes workspace:SIZE (e.g. workspace:1024 for 1 GiB), got {text!r}")
+    size = size.strip()
+    unit = {"k": 2**10, "m": 2**20, "g": 2**30}.get(size[-1:].lower())
+    try:
+        value = float(size[:-1] if unit else size) * (unit or 2**20)
+    except ValueError:
+        raise OmniMoEInputError(f"--mem-pool-size workspace:SIZE needs a number, got {size!r}") from None
+    if not value >= 0 or value == float("inf"):
+        raise OmniMoEInputError(f"--mem-pool-size must be a finite size >= 0, got {size!r}")
+    return int(value)
+
+
+def plugin_workspace_bytes(model, profiles: list[dict]) -> tuple[int, int]:
+    """(bytes, tokens): the largest workspace any omnimoe plugin asks for at a profile's maximum,
+    where tokens = the flattened token count (batch x sequence) the plugins see there."""
+    from omnimoe.kernels import expert_workspace_bytes, topk_workspace_bytes
+    from trt_plugins import native
+
+    tokens = 0
+    for profile in profiles:
+        for lo_opt_hi in profile.values():
+            hi = lo_opt_hi[2]
+            # [batch, seq, d] activations or [batch, seq] token ids: every axis but d is tokens.
+            shape = hi[:-1] if len(hi) >= 3 else hi
+            count = 1
+            for dim in shape:
+                count *= int(dim)
+            tokens = max(tokens, count)
+    need = 0
+    for v in native.variants_from_onnx(model):
+        if isinstance(v, native.TopKVariant):
+            need = max(need, topk_workspace_bytes(tokens, v.grid_side, v.top_k))
+        else:
+            need = max(need, expert_workspace_bytes(tokens, v.top_k, v.num_experts, v.hidden_size))
+    return need, tokens
 
 
 def load_onnx_header(path: str | os.PathLike):
@@ -330,6 +424,39 @@ def token_profile(parsed: ParsedNetwork, tokens: tuple[int, int, int]):
     return profile, shapes
 
 
+def check_profile_inputs(model, profiles: list[dict]) -> None:
+    """Every input a profile names is an input of the ONNX graph (checked before any compile)."""
+    initializers = {init.name for init in model.graph.initializer}
+    inputs = [i.name for i in model.graph.input if i.name not in initializers]
+    for k, shapes in enumerate(profiles):
+        unknown = sorted(set(shapes) - set(inputs))
+        if unknown:
+            raise OmniMoEInputError(f"profile {k}: no network input named {', '.join(unknown)} (inputs: {', '.join(inputs)})")
+
+
+def explicit_profiles(parsed: ParsedNetwork, profiles: list[dict]) -> list:
+    """TensorRT optimization profiles from parsed --min/--opt/--max-shapes, checked against the
+    network's inputs (every dynamic input covered, static dims kept)."""
+    network, out = parsed.network, []
+    inputs = {network.get_input(i).name: [int(d) for d in network.get_input(i).shape] for i in range(network.num_inputs)}
+    for k, shapes in enumerate(profiles):
+        unknown = sorted(set(shapes) - set(inputs))
+        if unknown:
+            raise OmniMoEInputError(f"profile {k}: no network input named {', '.join(unknown)} (inputs: {', '.join(inputs)})")
+        profile = parsed.builder.create_optimization_profile()
+        for name, dims in inputs.items():
+            if name not in shapes:
+                if any(d < 0 for d in dims):
+                    raise OmniMoEInputError(f"profile {k}: dynamic input {name} {dims} needs --min/--opt/--max-shapes")
+                continue
+            for bound in shapes[name]:
+                if len(bound) != len(dims) or any(d >= 0 and b != d for b, d in zip(bound, dims)):
+                    raise OmniMoEInputError(f"profile {k}: input {name} has shape {dims} (-1 = dynamic), got {bound}")
+            profile.set_shape(name, *shapes[name])
+        out.append(profile)
+    return out
+
+
 def _make_progress_monitor(trt, progress):
     class RichProgressMonitor(trt.IProgressMonitor):
         """TensorRT build phases as rich progress bars (nested phases indented)."""
@@ -364,12 +491,17 @@ class BuildResult:
     backend: str
     backend_version: str
     precision: str
-    shapes: dict
+    profiles: list  # [{input: (min, opt, max) shapes}, ...], one dict per optimization profile
     io: list  # [{"name", "kind": input|output, "dtype": TensorRT type name, "shape": [-1 = dynamic, ...]}]
     plugin_layers: list  # (layer name, plugin name, attrs)
     seconds: float
     timing_cache: bytes | None = None
     notes: list = dataclasses.field(default_factory=list)
+
+    @property
+    def shapes(self) -> dict:
+        """The first optimization profile ({} for static shapes)."""
+        return self.profiles[0] if self.profiles else {}
 
 
 def _network_io(parsed: ParsedNetwork) -> list:
@@ -419,11 +551,15 @@ def build_engine(
     timing_cache: str | os.PathLike | None = None,
     progress: bool = False,
     plugin_library: str | os.PathLike | None = None,
+    profiles: list[dict] | None = None,
+    workspace_limit: int | None = None,
 ) -> BuildResult:
     """Parse `model_path` with the omnimoe plugins and build a serialized engine (bytes).
 
     `plugin_library`: a native plugin library (trt_plugins.native) used instead of the Python
-    plugins; it is loaded for this build only."""
+    plugins; it is loaded for this build only. `profiles` (parse_profiles) replace the `tokens`
+    shorthand; `workspace_limit` (bytes) caps TensorRT's workspace pool, which must hold the
+    plugins' workspace at every profile's maximum."""
     import trt_plugins
 
     if isinstance(tokens, str):
@@ -443,8 +579,9 @@ def build_engine(
     engine_precision, strongly_typed = _precision_plan(trt, onnx_precision(model), precision)
     handle = load_plugin_library(trt, plugin_library) if plugin_library is not None else None
     try:
-        return _build(trt, model_path, model, engine_precision, strongly_typed, tokens, timing_cache, progress,
-                      python_plugins=handle is None)
+        plan = _BuildPlan(engine_precision, strongly_typed, tokens, profiles, workspace_limit, timing_cache, progress,
+                          python_plugins=handle is None)
+        return _build(trt, model_path, model, plan)
     except OmniMoEInputError:
         # The library's own message says what is wrong (TensorRT's only says a plugin failed).
         reason = native_library_error(plugin_library) if handle is not None else ""
@@ -457,16 +594,46 @@ def build_engine(
             trt.get_plugin_registry().deregister_library(handle)
 
 
-def _build(trt, model_path, model, engine_precision, strongly_typed, tokens, timing_cache, progress, python_plugins):
+@dataclasses.dataclass
+class _BuildPlan:
+    precision: str
+    strongly_typed: bool
+    tokens: tuple
+    profiles: list | None
+    workspace_limit: int | None
+    timing_cache: object
+    progress: bool
+    python_plugins: bool
+
+
+def _build(trt, model_path, model, plan: _BuildPlan):
     import trt_plugins
 
-    parsed = parse_network(model_path, strongly_typed=strongly_typed, trt=trt, model=model, python_plugins=python_plugins)
+    engine_precision, progress = plan.precision, plan.progress
+    parsed = parse_network(model_path, strongly_typed=plan.strongly_typed, trt=trt, model=model,
+                           python_plugins=plan.python_plugins)
     config = parsed.builder.create_builder_config()
-    if not strongly_typed:
+    if not plan.strongly_typed:
         config.set_flag(trt.BuilderFlag.FP16 if engine_precision == "fp16" else trt.BuilderFlag.BF16)
-    profile, shapes = token_profile(parsed, tokens)
-    if profile is not None:
+    if plan.profiles:
+        all_shapes = plan.profiles
+        trt_profiles = explicit_profiles(parsed, plan.profiles)
+    else:
+        profile, shapes = token_profile(parsed, plan.tokens)
+        all_shapes, trt_profiles = ([shapes], [profile]) if profile is not None else ([], [])
+    for profile in trt_profiles:
         config.add_optimization_profile(profile)
+    if plan.workspace_limit is not None:
+        need, tokens = plugin_workspace_bytes(model, all_shapes)
+        if need > plan.workspace_limit:
+            raise OmniMoEInputError(
+                f"--mem-pool-size workspace of {plan.workspace_limit} bytes is too small: the omnimoe plugins need "
+                f"{need} bytes ({need / 2**20:.2f} MiB) of workspace at {tokens} tokens, the profiles' maximum"
+            )
+        config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, plan.workspace_limit)
+    shapes = all_shapes[0] if all_shapes else {}
+    span = "; ".join(", ".join(f"{n} {lo}..{hi}" for n, (lo, _, hi) in p.items()) for p in all_shapes) or "static shapes"
+    timing_cache = plan.timing_cache
     cache_path = Path(timing_cache) if timing_cache else None
     notes = []
     if cache_path is not None and trt_plugins.backend_of(trt) == "tensorrt-rtx":
@@ -482,7 +649,6 @@ def _build(trt, model_path, model, engine_precision, strongly_typed, tokens, tim
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
         console = Console(stderr=True)
-        span = ", ".join(f"{n} {lo}..{hi}" for n, (lo, _, hi) in shapes.items()) or "static shapes"
         console.print(
             f"building {model_path} with {trt_plugins.backend_of(trt)} {trt.__version__} "
             f"({engine_precision}; {span}) ...",
@@ -514,7 +680,7 @@ def _build(trt, model_path, model, engine_precision, strongly_typed, tokens, tim
         backend=trt_plugins.backend_of(trt),
         backend_version=str(trt.__version__),
         precision=engine_precision,
-        shapes=shapes,
+        profiles=all_shapes,
         plugin_layers=_plugin_layers(parsed),
         io=_network_io(parsed),
         seconds=seconds,
@@ -578,6 +744,8 @@ def run(args) -> int:
     from omnimoe.atomic import atomic_files, check_output
 
     tokens = parse_tokens(args.tokens)  # before any heavy import: a bad range fails fast
+    profiles = parse_profiles(args.min_shapes, args.opt_shapes, args.max_shapes)
+    workspace_limit = parse_mem_pool(args.mem_pool_size)
     output = Path(args.output)
     model_files = [args.model, f"{args.model}.data"]
     check_output(output, inputs=[*model_files, args.timing_cache], what="engine")  # the output policy, before any work
@@ -604,6 +772,7 @@ def run(args) -> int:
         trt = trt_plugins.load(args.backend)
         _precision_plan(trt, onnx_precision(model), args.precision)
         check_plugins_available(trt, model, registered={(op.op_type, DOMAIN) for op in OPS})
+        check_profile_inputs(model, profiles)
         variants = native.variants_from_onnx(model)
     console = None
     if not args.no_progress:
@@ -633,6 +802,8 @@ def run(args) -> int:
             timing_cache=args.timing_cache,
             progress=not args.no_progress,
             plugin_library=tmps[2] if library else None,
+            profiles=profiles,
+            workspace_limit=workspace_limit,
         )
         tmps[0].write_bytes(result.engine)
         meta = {
@@ -642,7 +813,7 @@ def run(args) -> int:
             "backend_version": result.backend_version,
             "precision": result.precision,
             "io": result.io,
-            "profiles": {name: [list(b) for b in bounds] for name, bounds in result.shapes.items()},
+            "profiles": [{name: [list(b) for b in bounds] for name, bounds in p.items()} for p in result.profiles],
             "plugins": args.plugins,
             "plugin_library": native.LIBRARY_NAME if library else None,
             "sms": library.info["sms"] if library else None,
@@ -655,7 +826,8 @@ def run(args) -> int:
     if args.timing_cache and result.timing_cache is not None:
         with atomic_files([args.timing_cache]) as (tmp,):
             tmp.write_bytes(result.timing_cache)
-    profile = ", ".join(f"{name} {lo}..{hi}" for name, (lo, _, hi) in result.shapes.items()) or "static shapes"
+    profile = "; ".join(", ".join(f"{name} {lo}..{hi}" for name, (lo, _, hi) in p.items()) for p in result.profiles)
+    profile = profile or "static shapes"
     plugins = ", ".join(sorted({p for _, p, _ in result.plugin_layers})) or "no plugins"
     sys.stdout.write(
         f"wrote {output} ({len(result.engine) / 2**20:.2f} MiB; {result.backend}, {result.precision}; "

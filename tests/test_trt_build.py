@@ -574,3 +574,48 @@ def test_auto_backend_choice(monkeypatch, found, gpu, expected):
     monkeypatch.setattr(_trt, "available_backends", lambda: [])
     with pytest.raises(OmniMoEInputError, match="no TensorRT Python module"):
         _trt.resolve_backend("auto")
+
+
+# ------------------------------------------------------------------------------------------------
+# trtexec-style profiles and workspace limit (issue 13)
+# ------------------------------------------------------------------------------------------------
+def test_cli_several_profiles_with_batch_above_one(exported, tmp_path, capsys):
+    engine = tmp_path / "multi.engine"
+    argv = ["build", str(exported["layer-fp32"]), "-o", str(engine), "--backend", RTX, "--plugins", "python",
+            "--no-progress", "--min-shapes", "x:1x1x32", "--opt-shapes", "x:4x64x32", "--max-shapes", "x:8x256x32",
+            "--min-shapes", "x:1x1x32", "--opt-shapes", "x:1x1x32", "--max-shapes", "x:1x8x32",
+            "--mem-pool-size", "workspace:64"]
+    assert _cli(argv) == 0, capsys.readouterr().err
+    assert "x (1, 1, 32)..(8, 256, 32); x (1, 1, 32)..(1, 8, 32)" in capsys.readouterr().out
+    import json
+
+    meta = json.loads(build_mod.sidecar_path(engine).read_text())
+    assert meta["profiles"] == [{"x": [[1, 1, 32], [4, 64, 32], [8, 256, 32]]}, {"x": [[1, 1, 32], [1, 1, 32], [1, 8, 32]]}]
+
+
+def test_plugin_workspace_at_the_profile_maximum_is_the_flattened_tokens(exported):
+    from omnimoe.kernels import expert_workspace_bytes
+
+    model = build_mod.load_onnx_header(exported["layer-fp32"])
+    need, tokens = build_mod.plugin_workspace_bytes(model, [{"x": ((1, 1, 32), (2, 8, 32), (8, 256, 32))}])
+    assert tokens == 8 * 256 and need == expert_workspace_bytes(8 * 256, 6, 64, 32)
+
+
+@pytest.mark.parametrize(
+    "extra,needle",
+    [
+        (["--min-shapes", "x:1x1x32", "--opt-shapes", "x:1x8x32"], "once per profile"),
+        (["--min-shapes", "x1x1x32", "--opt-shapes", "x:1x8x32", "--max-shapes", "x:1x8x32"], "NAME:AxBxC"),
+        (["--min-shapes", "x:1x9x32", "--opt-shapes", "x:1x8x32", "--max-shapes", "x:1x8x32"], "min <= opt <= max"),
+        (["--min-shapes", "y:1x1x32", "--opt-shapes", "y:1x8x32", "--max-shapes", "y:1x8x32"], "no network input named y"),
+        (["--min-shapes", "x:1x1x16", "--opt-shapes", "x:1x8x16", "--max-shapes", "x:1x8x16"], "input x has shape"),
+        (["--mem-pool-size", "dlaSRAM:1"], "workspace:SIZE"),
+        (["--mem-pool-size", "workspace:lots"], "needs a number"),
+        (["--mem-pool-size", "workspace:0.0001"], "too small: the omnimoe plugins need"),
+    ],
+)
+def test_cli_profile_and_pool_errors_are_one_line(exported, tmp_path, capsys, extra, needle):
+    engine = tmp_path / "e.engine"
+    argv = ["build", str(exported["layer-fp32"]), "-o", str(engine), "--backend", RTX, "--plugins", "python", *extra]
+    _expect_one_line_error(argv, capsys, needle)
+    assert not engine.exists()
