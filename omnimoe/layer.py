@@ -251,8 +251,14 @@ class OmniMoELayer(nn.Module):
         (a parameter replaced, the cached router weights rebuilt after an in-place update); an
         in-place update at the same address needs nothing. The graph replays on the caller's
         current stream; a call from another stream than the previous one first waits for it.
-        Returns None (and turns graphs off for this layer) if capture fails."""
+        Returns None if the parameters are inference tensors (nothing to key a graph on), and
+        turns graphs off for this layer if capture fails."""
         w, affine = self._router_inference_params()
+        cache = self.__dict__.get("_router_cache")
+        if cache is None or cache[1] is not w:
+            # Inference-tensor parameters: the router weights are rebuilt (at a new address) each
+            # call, so a graph would be re-captured each call. Launch instead.
+            return None
         srcs = [w, self.up_embed.weight, self.down_embed.weight]
         if affine is not None:
             srcs += affine

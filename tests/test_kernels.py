@@ -526,6 +526,11 @@ def test_gpu_decode_graphs_follow_inputs_weights_and_streams():
             check(1)
         check(1)
         copy.deepcopy(layer)  # graphs are not copied
+        # Parameters made under inference_mode track no version: no graphs, plain launches.
+        frozen = OmniMoELayer(cfg, backend="triton", device="cuda", dtype=torch.bfloat16).eval()
+        frozen.load_state_dict(layer.state_dict())
+        x = torch.randn(2, 128, device="cuda", dtype=torch.bfloat16)
+        assert rel_err(frozen(x), layer(x)) <= 1e-3 and not frozen.__dict__.get("_decode_graphs")
 
 
 @pytest.mark.parametrize("N,K,T", [(4096, 16, 1024), (16384, 512, 256), (1 << 20, 16, 8), (1 << 20, 16, 1)])
