@@ -11,6 +11,8 @@ Triton launch through kernel[grid], the layer's unchecked and the public expert 
 side-stream round trip.
 
     python3 scripts/bench_eager.py [--configs decode_t1,decode_t64,readme] [--baseline old_layer.py] [--json out.json]
+
+e.g. the layer before the launch-lean path: git show 8a64038:omnimoe/layer.py > old_layer.py
 """
 from __future__ import annotations
 
