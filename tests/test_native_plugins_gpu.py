@@ -239,3 +239,24 @@ def test_prebuilt_library_from_another_machine():
         gates, indices, _ = topk_launch(lib, lx, ly, v["top_k"], v["gate"], torch.cuda.current_stream())
         torch.cuda.synchronize()
         assert_topk_matches_reference(gates, indices, lx, ly, v["top_k"], v["gate"])
+
+
+def test_batch_above_one_is_flattened_tokens(lib):
+    """An engine with batch > 1 profiles hands the plugins [B*S, ...]: each sequence's result is
+    what it gets alone."""
+    (s, K), B, S = ROUTER_CASES[0], 3, 100
+    N = s * s
+    lx, ly = router_inputs(B * S, s, seed=7)
+    x, up, down, _, _ = expert_inputs(B * S, D, N, K, torch.bfloat16, seed=7)
+    stream = torch.cuda.current_stream()
+    gates, indices, _ = topk_launch(lib, lx, ly, K, "softmax", stream, harness=True)
+    y, ws = experts_buffers(lib, B * S, D, N, K, torch.bfloat16)
+    run_experts(lib, x, up, down, gates, indices, y, ws, "silu", stream, harness=True)
+    for b in range(B):
+        rows = slice(b * S, (b + 1) * S)
+        g1, i1, _ = topk_launch(lib, lx[rows].contiguous(), ly[rows].contiguous(), K, "softmax", stream, harness=True)
+        y1, ws1 = experts_buffers(lib, S, D, N, K, torch.bfloat16)
+        run_experts(lib, x[rows].contiguous(), up, down, g1, i1, y1, ws1, "silu", stream, harness=True)
+        torch.cuda.synchronize()
+        assert torch.equal(i1, indices[rows]) and torch.equal(g1, gates[rows])
+        assert torch.equal(y1, y[rows])
