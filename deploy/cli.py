@@ -24,6 +24,7 @@ SUBCOMMANDS = {
     "parity": ("deploy.parity", "routing-aware parity between PyTorch, ONNX Runtime and TensorRT runs (polygraphy)"),
     "bench": ("deploy.bench", "latency of every runner available on this machine"),
     "inspect": ("deploy.inspect_cmd", "what a checkpoint, ONNX model or engine holds: config, I/O and dynamic axes, ops, precision, versions"),
+    "serve-repo": ("deploy.serve_repo_cmd", "write a Triton Inference Server model repository for an engine built with native plugins"),
     "demo": ("deploy.demo", "train or load the tiny model and run the deployment pipeline end to end"),
 }
 
