@@ -308,6 +308,8 @@ def run(args: argparse.Namespace) -> int:
                     raise OmniMoEInputError(f"{path}: run {name!r} holds {len(iters)} iterations, the input {len(feeds)} "
                                             "(give the inputs it was made from with --input)")
             runs.extend(loaded)
+        if len(runs) + len(runner_objs) < 2 and not args.save_results:  # say so before running anything
+            raise OmniMoEInputError("nothing to compare: parity needs a run besides the reference (runners and/or --load-results)")
         if runner_objs:
             shapes = f"{list(feeds[0].shape)}" + (f" x {len(feeds)} iterations" if len(feeds) > 1 else "")
             console.print(f"running {', '.join(r.name for r in runner_objs)} on {input_name} {shapes} ...")
