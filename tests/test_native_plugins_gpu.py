@@ -71,6 +71,7 @@ def topk_launch(lib, lx, ly, top_k, gate, stream, harness=False):
     gates = torch.full((T, top_k), float("nan"), device="cuda")
     indices = torch.full((T, top_k), -1, dtype=torch.int32, device="cuda")
     ws = torch.empty(max(1, lib.topk_workspace_bytes(T, s, top_k)), dtype=torch.uint8, device="cuda")
+    stream.wait_stream(torch.cuda.current_stream())  # the fills above ran there
     run_topk(lib, lx, ly, gates, indices, ws, top_k, gate, stream, harness)
     return gates, indices, ws
 
