@@ -323,7 +323,8 @@ def convert_upstream(
     multi = prefix is not None and "*" in prefix
     subdirs = [_layer_dir_name(p) + "/" for p in prefixes] if multi else [""]
     writes = [d + f for d in subdirs for f in (CONFIG_FILE, WEIGHTS_FILE)] + (["layers.json"] if multi else [])
-    check_output(out_dir, directory=True, inputs=[src], writes=writes, overwrite=overwrite, what="checkpoint")
+    read = [source.path, *{s.path for s in getattr(source, "_source_of", {}).values()}]  # every shard too
+    check_output(out_dir, directory=True, inputs=read, writes=writes, overwrite=overwrite, what="checkpoint")
     # Validate everything before writing anything.
     layers = []
     for p in prefixes:
