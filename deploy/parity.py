@@ -270,6 +270,8 @@ def run(args: argparse.Namespace) -> int:
             raise OmniMoEInputError(f"{path}: no such results file")
     if args.save_inputs and Path(args.save_inputs).suffix not in (".json", ".npy", ".npz"):
         raise OmniMoEInputError(f"{args.save_inputs}: inputs are saved as .json (polygraphy), .npy or .npz")
+    if args.save_inputs and (args.iterations or 1) > 1 and Path(args.save_inputs).suffix != ".json":
+        raise OmniMoEInputError(f"{args.save_inputs}: {args.iterations} iterations need a .json file (polygraphy's input format)")
     inputs = [args.target, *args.onnx, args.engine, args.input, *args.load_results]
     for flag in ("save_inputs", "report", "save_results"):  # the output policy, before any work
         if getattr(args, flag):
