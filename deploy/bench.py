@@ -57,6 +57,8 @@ def run(args: argparse.Namespace) -> int:
 
     if args.iters < 1 or args.warmup < 0:
         raise OmniMoEInputError("--iters must be >= 1 and --warmup >= 0")
+    if args.tokens < 1 or args.batch < 1:
+        raise OmniMoEInputError(f"nothing to time: --tokens {args.tokens} and --batch {args.batch} must be >= 1")
     if args.json:
         check_output(args.json, inputs=[args.target, *args.onnx, args.engine], what="--json file")
     console = Console(stderr=True)

@@ -194,10 +194,22 @@ def _module_from_config(data: dict) -> nn.Module:
     raise OmniMoEInputError(f"unknown model_type {kind!r} in {CONFIG_FILE}")
 
 
+def _check_layer_count(directory: Path, data: dict, source) -> None:
+    """A TinyOmniLM's num_layers must match its weights before that many blocks are built (a config
+    saying 10**9 layers would otherwise take hours to be refused)."""
+    layers = data.get("num_layers") if data.get("model_type") == "tiny_omni_lm" else None
+    if isinstance(layers, int) and not isinstance(layers, bool):
+        held = len({k.split(".")[1] for k in source.keys() if k.startswith("layers.") and k.count(".") > 1})
+        if layers != held:
+            raise OmniMoEInputError(f"{directory / CONFIG_FILE}: num_layers is {layers}, but the weights hold {held} layers")
+
+
 def load_checkpoint(directory, backend: str | None = None, device=None, dtype=None) -> nn.Module:
     """Load an OmniMoELayer or TinyOmniLM checkpoint directory, in eval mode."""
     directory = Path(directory)
     data = read_config(directory)
+    source = open_weights(directory)
+    _check_layer_count(directory, data, source)
     try:
         with torch.device("meta"):
             module = _module_from_config(data)
@@ -210,7 +222,6 @@ def load_checkpoint(directory, backend: str | None = None, device=None, dtype=No
             f"{directory / CONFIG_FILE}: these sizes need {need / 2**40:,.0f} TiB of float32 weights, "
             f"more than a machine can map ({MAX_WEIGHT_BYTES / 2**40:.0f} TiB)"
         )
-    source = open_weights(directory)
     unexpected = sorted(set(source.keys()) - set(expected))
     if unexpected:
         raise OmniMoEInputError(f"{source.path}: unexpected keys: {', '.join(unexpected[:8])}")

@@ -209,6 +209,8 @@ CASES = {
     "export: LM vocab_size is a boolean": lambda w: (
         ["export", _config(w, "lm", vocab_size=True), "-o", w / "m.onnx"], "vocab_size"),
     "export: LM alphabet is a number": lambda w: (["export", _config(w, "lm", alphabet=5), "-o", w / "m.onnx"], "alphabet"),
+    "export: LM num_layers far beyond its weights": lambda w: (
+        ["export", _config(w, "lm", num_layers=3000), "-o", w / "m.onnx"], "num_layers"),
     "export: integer weights in a checkpoint": lambda w: (
         ["export", _native_weights(w, _to_int("up_embed.weight")), "-o", w / "m.onnx"], "up_embed.weight"),
     # run
@@ -255,6 +257,7 @@ CASES = {
         ["bench", w / "ck", "--runners", "torch", "--iters", 1, "--warmup", 0, "--json", _dir_with_file(w, "b.json")], "is a directory"),
     "bench: --json's parent is a file": lambda w: (
         ["bench", w / "ck", "--runners", "torch", "--iters", 1, "--warmup", 0, "--json", w / "x.npy" / "b.json"], "not a directory"),
+    "bench: --tokens 0": lambda w: (["bench", w / "ck", "--runners", "torch", "--tokens", 0], "nothing to time"),
     "bench: --runners torch,torch": lambda w: (
         ["bench", w / "ck", "--runners", "torch,torch", "--iters", 1, "--warmup", 0], "torch"),
     # build
