@@ -246,7 +246,7 @@ def _strip_exporter_metadata(ir_model) -> None:
     graphs = [ir_model.graph, *ir_model.functions.values()]
     for graph in graphs:
         graph.metadata_props.clear()
-        for node in ir_model.graph.all_nodes() if graph is ir_model.graph else graph:
+        for node in graph.all_nodes():  # subgraphs included
             node.metadata_props.clear()
             node.doc_string = None
             for value in node.outputs:
