@@ -254,6 +254,9 @@ def open_target(target: Path, onnx_paths=()) -> Target:
             setup = Target(None, input_name, output_name, np_dtype, in_dims, vocab, max_seq_len, dtype, {})
         elif (input_name, output_name) != (setup.input_name, setup.output_name):
             raise OmniMoEInputError(f"{path}: its I/O ({input_name} -> {output_name}) does not match {target}")
+        elif len(in_dims) != len(setup.shape) or any(a and b and a != b for a, b in zip(in_dims, setup.shape)):
+            shown = lambda dims: ["*" if d is None else d for d in dims]  # noqa: E731
+            raise OmniMoEInputError(f"{path}: input {input_name} {shown(in_dims)} does not match {target}'s {shown(setup.shape)}")
         else:
             setup.dtype = dtype
         if max_seq_len is not None:

@@ -169,6 +169,17 @@ def _npy_bytes(a):
     return buf.getvalue()
 
 
+def _identity_onnx(w, d):
+    """A graph with the layer's I/O names, x [batch, seq, d] -> y: what another model's export looks like."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    value = lambda name: helper.make_tensor_value_info(name, TensorProto.FLOAT, ["batch", "seq", d])  # noqa: E731
+    graph = helper.make_graph([helper.make_node("Identity", ["x"], ["y"])], "other", [value("x")], [value("y")])
+    onnx.save(helper.make_model(graph), str(w / "other.onnx"))
+    return w / "other.onnx"
+
+
 def _x(w):
     return np.load(w / "x.npy")
 
@@ -238,6 +249,8 @@ CASES = {
     "parity: an input with zero-length sequences": lambda w: (
         ["parity", w / "ck", "--input", _save(w / "z.npy", np.zeros((2, 0, 8), np.float32))], "nothing to compare"),
     "parity: no runner besides the reference": lambda w: (["parity", w / "ck", "--runners", "torch"], "nothing to compare"),
+    "parity: --onnx of a model with another hidden size": lambda w: (
+        ["parity", w / "ck", "--onnx", _identity_onnx(w, 16)], "other.onnx"),
     "parity: --runners torch,torch": lambda w: (["parity", w / "ck", "--runners", "torch,torch"], "torch"),
     "parity: --atol nan": lambda w: (["parity", w / "ck", "--atol", "nan"], "--atol"),
     "parity: --rtol -1": lambda w: (["parity", w / "ck", "--rtol", "-1"], "--rtol"),
