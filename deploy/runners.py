@@ -245,9 +245,11 @@ def open_target(target: Path, onnx_paths=()) -> Target:
         raise OmniMoEInputError(f"{target}: no such ONNX model")
     else:
         raise OmniMoEInputError(f"{target}: no such checkpoint directory or ONNX model")
-    for path in onnx_paths:
+    for i, path in enumerate(onnx_paths):
         if not path.is_file():
             raise OmniMoEInputError(f"{path}: no such ONNX model")
+        if any(os.path.samefile(path, earlier) for earlier in onnx_paths[:i]):
+            raise OmniMoEInputError(f"{path}: given twice; each model runs once")
         input_name, output_name, np_dtype, in_dims, out_dims, dtype, plugin, max_seq_len = _onnx_io(path)
         if setup is None:
             vocab = out_dims[-1] if np.issubdtype(np_dtype, np.integer) and out_dims else None

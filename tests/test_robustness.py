@@ -251,6 +251,7 @@ CASES = {
     "parity: no runner besides the reference": lambda w: (["parity", w / "ck", "--runners", "torch"], "nothing to compare"),
     "parity: --onnx of a model with another hidden size": lambda w: (
         ["parity", w / "ck", "--onnx", _identity_onnx(w, 16)], "other.onnx"),
+    "parity: the same --onnx twice": lambda w: (["parity", w / "ck", "--onnx", w / "ck.onnx", "--onnx", w / "ck.onnx"], "twice"),
     "parity: --runners torch,torch": lambda w: (["parity", w / "ck", "--runners", "torch,torch"], "torch"),
     "parity: --atol nan": lambda w: (["parity", w / "ck", "--atol", "nan"], "--atol"),
     "parity: --rtol -1": lambda w: (["parity", w / "ck", "--rtol", "-1"], "--rtol"),
