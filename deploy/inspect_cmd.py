@@ -304,6 +304,8 @@ def _text(info: dict, indent: str = "") -> list[str]:
                     add(f"plugin layer {layer.get('name')}: {layer.get('plugin')}" + (f" ({attrs})" if attrs else ""))
                 else:
                     add(f"plugin layer {layer}")
+            if info["other_recorded"]:
+                add("also recorded (see --json): " + ", ".join(info["other_recorded"]))
     if not indent:
         lines.append("tools here: " + ", ".join(f"{k} {v}" for k, v in info["tools"].items()))
     return lines
