@@ -263,11 +263,7 @@ Serve it: the plugin library must be loaded by the server before the engine is d
 tritonserver --model-repository={repo} --backend-config=tensorrt,plugins={lib_abs}
 ```
 
-or, preloading the library into the server process:
-
-```bash
-LD_PRELOAD={lib_abs} tritonserver --model-repository={repo}
-```
+(not LD_PRELOAD: the library registers its plugins when it is loaded after TensorRT, as `plugins=` does).
 
 Several libraries go in one `plugins=` value, separated by `;`. One server process can hold only one
 omnimoe plugin library (the plugin names are the same in each): serve engines built into one

@@ -268,3 +268,49 @@ def test_generated_source_restates_no_contract_by_hand():
             assert f'"{a.name}"' not in text
     assert f'"{DOMAIN}"' not in text
     assert text.count(codegen.MARKER) == 1
+
+
+_DLOPEN_HOST = textwrap.dedent(
+    """
+    import ctypes, os, sys
+    fake, library = sys.argv[1], sys.argv[2]
+    nvinfer = ctypes.CDLL(fake, mode=os.RTLD_NOW | os.RTLD_LOCAL)   # the host's TensorRT, loaded first
+    nvinfer.fake_registry_log.restype = ctypes.c_char_p
+    lib = ctypes.CDLL(library, mode=os.RTLD_NOW | os.RTLD_LOCAL)     # a plain dlopen, as Triton server does
+    print(nvinfer.fake_registry_log().decode(), end="")
+    print("-- loadLibrary calls getCreators --")
+    n = ctypes.c_int32(0)
+    lib.getCreators.restype = ctypes.c_void_p
+    lib.getCreators(ctypes.byref(n))
+    print(nvinfer.fake_registry_log().decode(), end="")
+    print("count", n.value)
+    """
+)
+
+
+def test_a_plain_dlopen_registers_the_plugins_with_full_tensorrt(library, tmp_path):
+    """Triton server, DeepStream and ORT's TensorRT EP only dlopen the library: with full TensorRT
+    in the process it registers its creators as it loads, and withdraws that registration when
+    loadLibrary (trtexec --dynamicPlugins) asks for getCreators, so nothing is registered twice."""
+    fake = tmp_path / "libnvinfer.so.10"
+    inc, cuda = native.library.find_trt_include(), native.library.find_cuda_include()
+    subprocess.run(["g++", "-std=c++17", "-shared", "-fPIC", "-Wno-deprecated-declarations", f"-I{inc}", f"-I{cuda}",
+                    "-Wl,-soname,libnvinfer.so.10", str(Path(__file__).with_name("fake_nvinfer.cpp")), "-o", str(fake)],
+                   check=True)
+    script = tmp_path / "host.py"
+    script.write_text(_DLOPEN_HOST)
+    proc = subprocess.run([sys.executable, str(script), str(fake), str(library.path)], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    at_load, after = proc.stdout.split("-- loadLibrary calls getCreators --\n")
+    ops = [op.op_type for op in OPS]
+    assert at_load.splitlines() == [f"register {DOMAIN}::{op}" for op in ops]
+    assert after.splitlines()[:-1] == at_load.splitlines() + [f"deregister {op}" for op in ops]
+    assert after.splitlines()[-1] == "count 2"
+
+
+def test_without_tensorrt_in_the_process_loading_registers_nothing(library):
+    """No libnvinfer loaded (or TensorRT-RTX, which crashes on static registration): loading the
+    library touches no registry; TensorRT-RTX's load_library path is covered above."""
+    proc = subprocess.run([sys.executable, "-c", f"import ctypes; ctypes.CDLL({str(library.path)!r}); print('ok')"],
+                          capture_output=True, text=True)
+    assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr

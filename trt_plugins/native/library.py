@@ -72,7 +72,8 @@ def find_cuda_include(explicit: str | None = None) -> Path:
     except ImportError:
         pass
     for c in candidates:
-        if (Path(c) / "cuda.h").is_file():
+        # cuda.h for the driver API, cuda_runtime_api.h for TensorRT's own headers.
+        if (Path(c) / "cuda.h").is_file() and (Path(c) / "cuda_runtime_api.h").is_file():
             return Path(c)
     raise OmniMoEInputError(f"CUDA header cuda.h not found: install the CUDA toolkit or set CUDA_HOME, {_FALLBACK_HINT}")
 

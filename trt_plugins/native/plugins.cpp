@@ -948,6 +948,53 @@ IPluginV3* Creator<ExpertsPlugin>::make(FieldValues const& values)
 
 } // namespace omnimoe_native
 
+namespace omnimoe_native
+{
+static IPluginCreatorInterface* const* creators(int32_t& count)
+{
+    static Creator<TopKPlugin> topk(gen::kTopKOpType, gen::kTopKFields, gen::kNumTopKFields);
+    static Creator<ExpertsPlugin> experts(gen::kExpertsOpType, gen::kExpertsFields, gen::kNumExpertsFields);
+    static IPluginCreatorInterface* const all[] = {&topk, &experts};
+    count = 2;
+    return all;
+}
+
+// The registry this library registered itself with while loading (see registerWithLoadedTensorRT).
+static IPluginRegistry* gLoadTimeRegistry = nullptr;
+
+// Hosts that only dlopen a plugin library (Triton Inference Server's `plugins=`, DeepStream's
+// custom-lib-path, ONNX Runtime's TensorRT EP) expect it to register its creators as it loads, the
+// way REGISTER_TENSORRT_PLUGIN does. Do that only when full TensorRT (libnvinfer) is already in the
+// process and TensorRT-RTX is not: static registration crashes TensorRT-RTX, which loads the
+// library through loadLibrary/getCreators anyway.
+__attribute__((constructor)) static void registerWithLoadedTensorRT()
+{
+    if (void* rtx = dlopen("libtensorrt_rtx.so.1", RTLD_NOW | RTLD_NOLOAD))
+    {
+        dlclose(rtx);
+        return;
+    }
+    for (char const* name : {"libnvinfer.so.10", "libnvinfer.so.11", "libnvinfer.so"})
+    {
+        void* nvinfer = dlopen(name, RTLD_NOW | RTLD_NOLOAD);
+        if (!nvinfer)
+            continue;
+        using GetRegistry = IPluginRegistry* (*) ();
+        auto get = reinterpret_cast<GetRegistry>(dlsym(nvinfer, "getPluginRegistry"));
+        IPluginRegistry* registry = get ? get() : nullptr;
+        dlclose(nvinfer); // still loaded by whoever loaded it first
+        if (!registry)
+            return;
+        int32_t count = 0;
+        IPluginCreatorInterface* const* all = creators(count);
+        for (int32_t i = 0; i < count; ++i)
+            registry->registerCreator(*all[i], gen::kPluginNamespace);
+        gLoadTimeRegistry = registry;
+        return;
+    }
+}
+} // namespace omnimoe_native
+
 extern "C" {
 
 void setLoggerFinder(ILoggerFinder* finder)
@@ -955,14 +1002,18 @@ void setLoggerFinder(ILoggerFinder* finder)
     gLoggerFinder = finder;
 }
 
-// Created on first call, never at load time (static registration crashes TensorRT-RTX).
+// What IPluginRegistry::loadLibrary (trtexec --dynamicPlugins) registers. If the library already
+// registered itself while loading, that registration is withdrawn first so nothing is registered twice.
 IPluginCreatorInterface* const* getCreators(int32_t& nbCreators)
 {
-    static Creator<TopKPlugin> topk(gen::kTopKOpType, gen::kTopKFields, gen::kNumTopKFields);
-    static Creator<ExpertsPlugin> experts(gen::kExpertsOpType, gen::kExpertsFields, gen::kNumExpertsFields);
-    static IPluginCreatorInterface* const creators[] = {&topk, &experts};
-    nbCreators = 2;
-    return creators;
+    IPluginCreatorInterface* const* all = creators(nbCreators);
+    if (gLoadTimeRegistry)
+    {
+        for (int32_t i = 0; i < nbCreators; ++i)
+            gLoadTimeRegistry->deregisterCreator(*all[i]);
+        gLoadTimeRegistry = nullptr;
+    }
+    return all;
 }
 
 // TensorRT-free harness: create a plugin through its creator with parser-encoded fields and run
