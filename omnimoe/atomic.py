@@ -32,6 +32,11 @@ _USER_WRITE_ERRORS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errn
                       errno.EEXIST, errno.ENOTEMPTY, errno.EISDIR, errno.ENAMETOOLONG, errno.EXDEV}
 
 
+def _special(path: Path) -> bool:
+    """/dev/null, /dev/stdout, a FIFO: written through, never replaced."""
+    return path.exists() and not path.is_file() and not path.is_dir()
+
+
 def _same_file(a: Path, b: Path) -> bool:
     try:
         return os.path.samefile(a, b)
@@ -64,6 +69,10 @@ def check_output(path, *, directory: bool = False, inputs: Iterable = (), writes
     if not directory:
         if path.is_dir():
             raise OmniMoEInputError(f"{path}: is a directory; the {what} must be a file path")
+        if _special(path):
+            if not os.access(path, os.W_OK):
+                raise OmniMoEInputError(f"{path}: not writable")
+            return path
         targets = [path]
     else:
         if path.exists() and not path.is_dir():
@@ -224,7 +233,8 @@ def atomic_files(finals: list, overwrite: bool = False, stale: Iterable = ()) ->
     ok = False
     try:
         try:
-            tmp_dir = Path(tempfile.mkdtemp(prefix=f".{finals[0].name}.", suffix=".tmp", dir=parent))
+            tmp_parent = None if _special(finals[0]) else parent  # /dev is no place for temporary files
+            tmp_dir = Path(tempfile.mkdtemp(prefix=f".{finals[0].name}.", suffix=".tmp", dir=tmp_parent))
         except OSError as e:
             raise OmniMoEInputError(f"{finals[0]}: cannot write in {parent} ({e.strerror or e})") from None
         tmps = [tmp_dir / f.name for f in finals]
@@ -238,6 +248,9 @@ def atomic_files(finals: list, overwrite: bool = False, stale: Iterable = ()) ->
                     _commit_dir(tmp, final, overwrite)
                 elif final.is_dir() and not final.is_symlink():
                     raise OmniMoEInputError(f"{final}: is a directory; nothing replaced")
+                elif _special(final):
+                    with open(tmp, "rb") as src, open(final, "wb") as dst:
+                        shutil.copyfileobj(src, dst)
                 else:
                     os.replace(tmp, final)
             for path in stale:

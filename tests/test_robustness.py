@@ -338,6 +338,25 @@ def test_outputs_get_the_users_umask(work, capsys):
             assert (work / d / name).stat().st_mode & 0o777 == 0o640, (d, name)
 
 
+def test_special_file_outputs_are_written_through_not_replaced(work, capsys):
+    """/dev/null, /dev/stdout or a FIFO as output: written into, never replaced by a regular file."""
+    import io
+    import stat
+    import threading
+
+    fifo = work / "y.npy"
+    os.mkfifo(fifo)
+    got = []
+    reader = threading.Thread(target=lambda: got.append(fifo.read_bytes()), daemon=True)
+    reader.start()
+    code, _, err = run_cli(["run", work / "ck", "--input", work / "x.npy", "-o", fifo], capsys)
+    assert code == 0, err
+    reader.join(timeout=60)
+    assert stat.S_ISFIFO(fifo.stat().st_mode)
+    assert got and np.load(io.BytesIO(got[0])).shape == (2, 5, 8)
+    assert not temp_leftovers(work)
+
+
 def test_a_failed_write_leaves_no_directories_it_created(tmp_path):
     target = tmp_path / "new" / "sub" / "model.onnx"
     with pytest.raises(RuntimeError), atomic_path(target) as tmp:
