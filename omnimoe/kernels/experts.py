@@ -259,6 +259,15 @@ def _launch_token_centric(x, up, down, g, indices, out, D, K, N, act, h_given):
     )
 
 
+def _check_expert_call(x, up, down, gates, indices, activation) -> tuple[int, int, int, int]:
+    """(T, d, N, K) after the op contract's checks plus what the Triton launchers need."""
+    T, D, N, K = ops.check_expert_inputs(x, up, down, gates, indices, activation)
+    check_device(x, up, down, gates, indices)
+    if x.dtype not in (torch.float32, torch.float16, torch.bfloat16) or up.dtype != x.dtype or down.dtype != x.dtype:
+        raise ops.OmniMoEInputError(f"x, up, down must share one of fp32/fp16/bf16, got {x.dtype}/{up.dtype}/{down.dtype}")
+    return T, D, N, K
+
+
 def expert_grouped_matmul_triton(
     x: torch.Tensor,
     up: torch.Tensor,
@@ -279,10 +288,7 @@ def expert_grouped_matmul_triton(
 
     With out and workspace given: no allocation, no host sync, current stream only.
     """
-    T, D, N, K = ops.check_expert_inputs(x, up, down, gates, indices, activation)
-    check_device(x, up, down, gates, indices)
-    if x.dtype not in (torch.float32, torch.float16, torch.bfloat16) or up.dtype != x.dtype or down.dtype != x.dtype:
-        raise ops.OmniMoEInputError(f"x, up, down must share one of fp32/fp16/bf16, got {x.dtype}/{up.dtype}/{down.dtype}")
+    T, D, N, K = _check_expert_call(x, up, down, gates, indices, activation)
     for name, t in (("x", x), ("up", up), ("down", down), ("gates", gates), ("indices", indices)):
         if not t.is_contiguous():
             raise ops.OmniMoEInputError(f"{name} must be contiguous")
@@ -385,10 +391,7 @@ def expert_dense_matmul(
     Cost does not depend on K: 4*T*N*d FLOPs on tensor cores plus [T, N] scratch traffic, so it
     wins over the gathering schedules at high density K/N (see OmniMoELayer). Not a TensorRT
     plugin schedule (cuBLAS GEMMs); allocates [t, N] scratch per token chunk."""
-    T, D, N, K = ops.check_expert_inputs(x, up, down, gates, indices, activation)
-    check_device(x, up, down, gates, indices)
-    if x.dtype not in (torch.float32, torch.float16, torch.bfloat16) or up.dtype != x.dtype or down.dtype != x.dtype:
-        raise ops.OmniMoEInputError(f"x, up, down must share one of fp32/fp16/bf16, got {x.dtype}/{up.dtype}/{down.dtype}")
+    T, D, N, K = _check_expert_call(x, up, down, gates, indices, activation)
     if out is None:
         out = torch.empty((T, D), dtype=x.dtype, device=x.device)
     check_out(out, (T, D), x.dtype, x.device, "out")

@@ -327,6 +327,17 @@ def _small_num_warps(s: int, ka: int) -> int:
 SMALL_K_MAX = 64
 
 
+def _topk_outputs(T: int, K: int, dev, gates_out, indices_out):
+    """The caller's gates [T,K] fp32 / indices [T,K] int32 outputs, checked, or new ones."""
+    if gates_out is None:
+        gates_out = torch.empty((T, K), dtype=torch.float32, device=dev)
+    if indices_out is None:
+        indices_out = torch.empty((T, K), dtype=torch.int32, device=dev)
+    check_out(gates_out, (T, K), torch.float32, dev, "gates_out")
+    check_out(indices_out, (T, K), torch.int32, dev, "indices_out")
+    return gates_out, indices_out
+
+
 def topk_kernel_config(grid_side: int, top_k: int, gate: str):
     """(kernel, constexprs + num_warps) that `product_key_topk_triton` launches for (s, K, gate).
 
@@ -376,12 +387,7 @@ def product_key_topk_triton(
     check_device(log_probs_x, log_probs_y)
     dev = log_probs_x.device
     K = int(top_k)
-    if gates_out is None:
-        gates_out = torch.empty((T, K), dtype=torch.float32, device=dev)
-    if indices_out is None:
-        indices_out = torch.empty((T, K), dtype=torch.int32, device=dev)
-    check_out(gates_out, (T, K), torch.float32, dev, "gates_out")
-    check_out(indices_out, (T, K), torch.int32, dev, "indices_out")
+    gates_out, indices_out = _topk_outputs(T, K, dev, gates_out, indices_out)
     if T == 0:
         return gates_out, indices_out
     if log_probs_x.stride(1) != 1 or log_probs_y.stride(1) != 1:
@@ -462,12 +468,7 @@ def router_logits_topk_triton(
             tensors.append(t)
     check_device(*tensors)
     dev = logits.device
-    if gates_out is None:
-        gates_out = torch.empty((T, K), dtype=torch.float32, device=dev)
-    if indices_out is None:
-        indices_out = torch.empty((T, K), dtype=torch.int32, device=dev)
-    check_out(gates_out, (T, K), torch.float32, dev, "gates_out")
-    check_out(indices_out, (T, K), torch.int32, dev, "indices_out")
+    gates_out, indices_out = _topk_outputs(T, K, dev, gates_out, indices_out)
     if T:
         _router_logits_topk_launch(logits, scale, shift, s, K, gate, gates_out, indices_out)
     return gates_out, indices_out

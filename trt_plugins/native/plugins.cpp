@@ -644,6 +644,13 @@ public:
     {
         return clone();
     }
+    bool supportsFormatCombination(
+        int32_t pos, DynamicPluginTensorDesc const* inOut, int32_t, int32_t) noexcept override
+    {
+        return inOut[pos].desc.format == TensorFormat::kLINEAR && supportsType(pos, inOut);
+    }
+    // The type each input/output position takes (all of them linear, row-major).
+    virtual bool supportsType(int32_t pos, DynamicPluginTensorDesc const* inOut) const noexcept = 0;
     int32_t configurePlugin(
         DynamicPluginTensorDesc const* in, int32_t nbIn, DynamicPluginTensorDesc const* out, int32_t nbOut) noexcept override
     {
@@ -703,13 +710,9 @@ public:
         }
         return 0;
     }
-    bool supportsFormatCombination(
-        int32_t pos, DynamicPluginTensorDesc const* inOut, int32_t, int32_t) noexcept override
+    bool supportsType(int32_t pos, DynamicPluginTensorDesc const* inOut) const noexcept override
     {
-        PluginTensorDesc const& desc = inOut[pos].desc;
-        if (desc.format != TensorFormat::kLINEAR)
-            return false;
-        return desc.type == (pos == 3 ? DataType::kINT32 : DataType::kFLOAT);
+        return inOut[pos].desc.type == (pos == 3 ? DataType::kINT32 : DataType::kFLOAT);
     }
     int32_t configurePlugin(
         DynamicPluginTensorDesc const* in, int32_t, DynamicPluginTensorDesc const*, int32_t) noexcept override
@@ -803,12 +806,9 @@ public:
         outputs[0] = inputs[0];
         return 0;
     }
-    bool supportsFormatCombination(
-        int32_t pos, DynamicPluginTensorDesc const* inOut, int32_t, int32_t) noexcept override
+    bool supportsType(int32_t pos, DynamicPluginTensorDesc const* inOut) const noexcept override
     {
         PluginTensorDesc const& desc = inOut[pos].desc;
-        if (desc.format != TensorFormat::kLINEAR)
-            return false;
         if (pos == 0)
             return dtypeCode(desc.type) >= 0;
         if (pos == 1 || pos == 2 || pos == 5)
