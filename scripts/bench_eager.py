@@ -26,32 +26,16 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+from bench_common import bench_layer, event_times_ms  # noqa: E402
 
-CONFIGS = {  # name: (d, I, N, K, T)
-    "decode_t1": (1024, 4096, 1048576, 16, 1),
-    "decode_t8": (1024, 4096, 1048576, 16, 8),
-    "decode_t64": (1024, 4096, 1048576, 16, 64),
-    "readme": (1024, 4096, 4096, 16, 4096),
-    "n1m": (1024, 4096, 1048576, 16, 4096),
-    "paper_min": (1024, 1024, 102400, 512, 4096),
-}
+from bench_layer import CONFIGS  # noqa: E402  (the design contract's configs, one table)
+
 _SUBMODULES = ("gate_proj", "up_proj", "down_proj", "router_gate_x", "router_gate_y", "router_norm_x", "router_norm_y",
                "up_embed", "down_embed")
 
 
 def _events(fn, iters, warmup=20):
-    import torch
-
-    for _ in range(warmup):
-        fn()
-    torch.cuda.synchronize()
-    evs = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(iters)]
-    for a, b in evs:
-        a.record()
-        fn()
-        b.record()
-    torch.cuda.synchronize()
-    return statistics.median(a.elapsed_time(b) for a, b in evs)
+    return statistics.median(event_times_ms(fn, iters, warmup))
 
 
 def _host_us(fn, iters):
@@ -133,18 +117,10 @@ def run_config(name, baseline_cls, iters) -> dict:
     import torch
     import torch.nn.functional as F
 
-    from omnimoe.config import OmniMoEConfig
-    from omnimoe.layer import OmniMoELayer
-
     d, inter, n, k, t = CONFIGS[name]
     torch.manual_seed(0)
-    dev = torch.device("cuda")
-    cfg = OmniMoEConfig(hidden_size=d, intermediate_size=inter, num_experts=n, top_k=k, hidden_act="silu")
-    layer = OmniMoELayer(cfg, backend="triton", device=dev, dtype=torch.bfloat16).eval()
-    with torch.no_grad():
-        layer.router_gate_x.weight.normal_(0, d**-0.5)
-        layer.router_gate_y.weight.normal_(0, d**-0.5)
-    x = torch.randn(t, d, device=dev, dtype=torch.bfloat16)
+    layer, x = bench_layer(d, inter, n, k, t)
+    cfg = layer.config
     impls = {"new": layer, "new_launch": layer}
     if baseline_cls is not None:
         old = baseline_cls(cfg, backend="triton", device="meta", dtype=torch.bfloat16).eval()

@@ -29,6 +29,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+from bench_common import bench_layer, event_times_ms  # noqa: E402
 
 # name: (d, I, N, K, T)   -- SPEC §7
 CONFIGS = {
@@ -69,22 +70,17 @@ def roofline_ms(d, inter, n, k, t, elt=2):
 def _time(fn, iters, warmup=3, adaptive=False):
     import torch
 
-    for _ in range(warmup):
-        fn()
-    torch.cuda.synchronize()
     if adaptive:
+        for _ in range(warmup):
+            fn()
+        torch.cuda.synchronize()
         t0 = time.perf_counter()
         fn()
         torch.cuda.synchronize()
         one = time.perf_counter() - t0
         iters = max(MIN_SLOW_ITERS, min(iters, int(SLOW_BUDGET_S / max(one, 1e-9))))
-    evs = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(iters)]
-    for a, b in evs:
-        a.record()
-        fn()
-        b.record()
-    torch.cuda.synchronize()
-    ts = [a.elapsed_time(b) for a, b in evs]
+        warmup = 0
+    ts = event_times_ms(fn, iters, warmup)
     return {"median_ms": statistics.median(ts), "min_ms": min(ts), "iters": iters}
 
 
@@ -127,24 +123,15 @@ def worker(name: str, iters: int, first_call_only: bool = False) -> dict:
 
     from omnimoe import ops
     from omnimoe.baselines import dense_mlp_forward, peer_forward
-    from omnimoe.config import OmniMoEConfig
     from omnimoe.kernels import expert_grouped_matmul_triton, use_expert_centric
     from omnimoe.kernels.experts import EXPERT_CENTRIC_SCHEDULE, expert_dense_matmul, use_dense
-    from omnimoe.layer import OmniMoELayer
 
     d, inter, n, k, t = CONFIGS[name]
     torch.manual_seed(0)
     # The fp32 yardstick must be fp32 (no TF32 in its GEMMs).
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cudnn.allow_tf32 = False
-    dev = torch.device("cuda")
-    cfg = OmniMoEConfig(hidden_size=d, intermediate_size=inter, num_experts=n, top_k=k, hidden_act="silu")
-    layer = OmniMoELayer(cfg, backend="triton", device=dev, dtype=torch.bfloat16).eval()
-    with torch.no_grad():
-        # Router logits of unit scale so routing is as peaked as a trained batch-normed router's.
-        layer.router_gate_x.weight.normal_(0, d**-0.5)
-        layer.router_gate_y.weight.normal_(0, d**-0.5)
-    x = torch.randn(t, d, device=dev, dtype=torch.bfloat16)
+    layer, x = bench_layer(d, inter, n, k, t)
     # The schedule the layer's inference path runs (OmniMoELayer._forward_launch).
     schedule = "dense" if use_dense(t, k, n) else (EXPERT_CENTRIC_SCHEDULE if use_expert_centric(t, k, n) else "token")
     res = {"name": name, "d": d, "I": inter, "N": n, "K": k, "T": t, "schedule": schedule}

@@ -17,6 +17,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+from bench_common import event_times_ms  # noqa: E402
 
 CONFIGS = {  # name: (d, N, K, T)
     "readme": (1024, 4096, 16, 4096),
@@ -29,18 +30,7 @@ CONFIGS = {  # name: (d, N, K, T)
 
 
 def _events(fn, iters, warmup=2):
-    import torch
-
-    for _ in range(warmup):
-        fn()
-    torch.cuda.synchronize()
-    evs = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(iters)]
-    for a, b in evs:
-        a.record()
-        fn()
-        b.record()
-    torch.cuda.synchronize()
-    return statistics.median(a.elapsed_time(b) for a, b in evs)
+    return statistics.median(event_times_ms(fn, iters, warmup))
 
 
 def run(name, iters, schedules):

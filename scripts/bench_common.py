@@ -1,0 +1,35 @@
+"""What the benchmark scripts share: CUDA-event timing and the benchmark layer."""
+from __future__ import annotations
+
+
+def event_times_ms(fn, iters: int, warmup: int) -> list[float]:
+    """Per-iteration GPU times (CUDA events around each call) after `warmup` calls."""
+    import torch
+
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    evs = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(iters)]
+    for a, b in evs:
+        a.record()
+        fn()
+        b.record()
+    torch.cuda.synchronize()
+    return [a.elapsed_time(b) for a, b in evs]
+
+
+def bench_layer(d: int, inter: int, n: int, k: int, t: int):
+    """(layer, x): a bf16 OmniMoE layer on the GPU (backend="triton", eval) with router logits of unit
+    scale, so routing is as peaked as a trained batch-normed router's, and x [t, d]."""
+    import torch
+
+    from omnimoe.config import OmniMoEConfig
+    from omnimoe.layer import OmniMoELayer
+
+    dev = torch.device("cuda")
+    cfg = OmniMoEConfig(hidden_size=d, intermediate_size=inter, num_experts=n, top_k=k, hidden_act="silu")
+    layer = OmniMoELayer(cfg, backend="triton", device=dev, dtype=torch.bfloat16).eval()
+    with torch.no_grad():
+        layer.router_gate_x.weight.normal_(0, d**-0.5)
+        layer.router_gate_y.weight.normal_(0, d**-0.5)
+    return layer, torch.randn(t, d, device=dev, dtype=torch.bfloat16)
