@@ -754,26 +754,27 @@ def run(args) -> int:
     native_build = args.plugins == "native"
     outputs = [output, sidecar_path(output)]
     if native_build:
+        import trt_plugins
+        from export.schemas import DOMAIN, OPS
         from trt_plugins import native
 
         sms = native.parse_sms(args.sm)
-        outputs += [output.with_name(native.LIBRARY_NAME), output.with_name(native.SOURCE_NAME)]
-        for extra in outputs[1:]:
-            check_output(extra, inputs=model_files, what="plugin library")
-        # Headers and compiler first: a missing toolchain is one line before any work.
-        native.library.find_compiler()
-        native.library.find_trt_include(args.trt_include)
-        native.library.find_cuda_include(args.cuda_include)
-        # The checks the engine build would make, before the kernels are compiled.
-        import trt_plugins
-        from export.schemas import DOMAIN, OPS
-
+        # The checks the engine build would make, before any kernel is compiled.
         model = load_onnx_header(args.model)
         trt = trt_plugins.load(args.backend)
         _precision_plan(trt, onnx_precision(model), args.precision)
         check_plugins_available(trt, model, registered={(op.op_type, DOMAIN) for op in OPS})
         check_profile_inputs(model, profiles)
         variants = native.variants_from_onnx(model)
+        native_build = bool(variants)  # e.g. the standard-op twin: no plugins, no library
+    if native_build:
+        outputs += [output.with_name(native.LIBRARY_NAME), output.with_name(native.SOURCE_NAME)]
+        for extra in outputs[1:]:
+            check_output(extra, inputs=model_files, what="plugin library")
+        # Compiler and headers: a missing toolchain is one line before any work.
+        native.library.find_compiler()
+        native.library.find_trt_include(args.trt_include)
+        native.library.find_cuda_include(args.cuda_include)
     console = None
     if not args.no_progress:
         from rich.console import Console
@@ -814,7 +815,7 @@ def run(args) -> int:
             "precision": result.precision,
             "io": result.io,
             "profiles": [{name: [list(b) for b in bounds] for name, bounds in p.items()} for p in result.profiles],
-            "plugins": args.plugins,
+            "plugins": args.plugins if result.plugin_layers else None,
             "plugin_library": native.LIBRARY_NAME if library else None,
             "sms": library.info["sms"] if library else None,
             "plugin_layers": [{"name": n, "plugin": p, "attributes": a} for n, p, a in result.plugin_layers],
@@ -840,7 +841,7 @@ def run(args) -> int:
             f"kernels: {sizes}; AOT {library.seconds_compile_kernels:.1f}s + C++ {library.seconds_compile_cpp:.1f}s)\n"
             f"run it without Python: trtexec --loadEngine={output} --dynamicPlugins={output.with_name(native.LIBRARY_NAME)}\n"
         )
-    else:
+    elif result.plugin_layers:
         sys.stdout.write("python plugins: the process that runs this engine must `import trt_plugins; trt_plugins.register()`\n")
     return 0
 

@@ -314,3 +314,17 @@ def test_without_tensorrt_in_the_process_loading_registers_nothing(library):
     proc = subprocess.run([sys.executable, "-c", f"import ctypes; ctypes.CDLL({str(library.path)!r}); print('ok')"],
                           capture_output=True, text=True)
     assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr
+
+
+def test_a_graph_without_omnimoe_nodes_needs_no_library(tmp_path, capsys):
+    """The standard-op twin builds with the default --plugins native: no library, no compiler needed."""
+    from export.onnx_export import export_onnx
+
+    onnx_path = tmp_path / "standard.onnx"
+    export_onnx(_small_layer(), onnx_path, example_inputs=(torch.zeros(2, 3, 32),), ops="standard",
+                input_names=["x"], output_names=["y"], dynamic_shapes=({0: "batch", 1: "seq"},))
+    engine = tmp_path / "out" / "standard.engine"
+    assert _cli(["build", onnx_path, "-o", engine, "--backend", RTX, "--no-progress", "--tokens", "1:8:16"]) == 0
+    assert sorted(p.name for p in engine.parent.iterdir()) == ["standard.engine", "standard.engine.json"]
+    assert json.loads(build_mod.sidecar_path(engine).read_text())["plugin_library"] is None
+    assert build_mod.engine_plugin_library(engine) is None

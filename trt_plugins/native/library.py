@@ -110,11 +110,14 @@ def variants_from_onnx(model) -> list:
     for f in model.functions:
         if any(n.domain == DOMAIN for n in f.node):
             raise OmniMoEInputError("omnimoe nodes inside ONNX local functions are not supported by the native plugins")
+    strict_error = None
     try:
         inferred = onnx.shape_inference.infer_shapes(model, strict_mode=True)
-    except Exception as e:  # noqa: BLE001 - onnx raises several types; the first line says what is wrong
-        first = (str(e).strip().splitlines() or [type(e).__name__])[-1]
-        raise OmniMoEInputError(f"the ONNX model's shapes are inconsistent ({first.strip()})") from None
+    except Exception as e:  # noqa: BLE001 - onnx raises several types; the last line says what is wrong
+        # Kept for when a shape the kernels need stays unknown (e.g. weights in external data that
+        # inference could not read make strict mode fail on a consistent model).
+        strict_error = (str(e).strip().splitlines() or [type(e).__name__])[-1].strip()
+        inferred = onnx.shape_inference.infer_shapes(model)
     shapes: dict[str, tuple] = {}
     for init in model.graph.initializer:
         shapes[init.name] = (tuple(init.dims), init.data_type)
@@ -132,6 +135,8 @@ def variants_from_onnx(model) -> list:
 
     def dim(tensor, axis, what, node):
         dims, _ = shapes.get(tensor, ((), 0))
+        if (len(dims) <= axis or dims[axis] <= 0) and strict_error:
+            raise OmniMoEInputError(f"the ONNX model's shapes are inconsistent ({strict_error})")
         if len(dims) <= axis or dims[axis] <= 0:
             raise OmniMoEInputError(
                 f"{node.op_type} node {node.name!r}: the {what} of {tensor!r} is not static in the ONNX model "
