@@ -22,13 +22,13 @@ from pathlib import Path
 from omnimoe.errors import OmniMoEInputError
 
 PRECISIONS = ("fp32", "fp16", "bf16")
-NATIVE_DEFAULT_SMS = (80, 86, 87, 89, 90, 100, 110, 120)  # = trt_plugins.native.DEFAULT_SMS (checked by a test)
 DEFAULT_TOKENS = "1:256:4096"
 _STANDARD_DOMAINS = ("", "ai.onnx", "ai.onnx.ml")
 
 
 def add_arguments(parser) -> None:
     from trt_plugins._trt import BACKENDS
+    from trt_plugins.native.aot import DEFAULT_SMS
 
     parser.add_argument("model", help="ONNX model with omnimoe:: plugin nodes (omnimoe export --ops plugin)")
     parser.add_argument("-o", "--output", required=True, help="where to write the serialized engine")
@@ -55,7 +55,7 @@ def add_arguments(parser) -> None:
     )
     parser.add_argument(
         "--sm",
-        default=",".join(map(str, NATIVE_DEFAULT_SMS)),
+        default=",".join(map(str, DEFAULT_SMS)),
         metavar="LIST",
         help="compute capabilities the native library gets cubins for (default %(default)s; newer GPUs use a PTX fallback)",
     )

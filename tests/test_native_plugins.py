@@ -254,9 +254,12 @@ def test_cli_without_a_compiler_says_what_to_install(models, tmp_path, capsys, m
     assert len(err.splitlines()) == 1 and "g++" in err and "--plugins python" in err, err
 
 
-def test_default_sms_are_one_list():
-    assert build_mod.NATIVE_DEFAULT_SMS == native.DEFAULT_SMS
+def test_default_sms_are_supported_and_are_the_cli_default():
+    from deploy.cli import build_parser
+
     assert set(native.DEFAULT_SMS) <= set(native.SUPPORTED_SMS)
+    args = build_parser().parse_args(["build", "m.onnx", "-o", "m.engine"])
+    assert native.parse_sms(args.sm) == native.DEFAULT_SMS
 
 
 def test_generated_source_restates_no_contract_by_hand():
