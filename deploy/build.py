@@ -1,16 +1,23 @@
 """`omnimoe build MODEL.onnx -o MODEL.engine`: ONNX (plugin graph) -> serialized TensorRT engine.
 
-    omnimoe build MODEL.onnx -o MODEL.engine [--backend auto|tensorrt|tensorrt-rtx]
-        [--precision fp32|fp16|bf16] [--tokens MIN:OPT:MAX] [--timing-cache FILE]
+    omnimoe build MODEL.onnx -o DIR/MODEL.engine [--plugins native|python] [--sm 80,86,...]
+        [--backend auto|tensorrt|tensorrt-rtx] [--precision fp32|fp16|bf16]
+        [--tokens MIN:OPT:MAX | --min-shapes/--opt-shapes/--max-shapes NAME:AxBxC ...]
+        [--mem-pool-size workspace:SIZE] [--timing-cache FILE]
 
-The custom `omnimoe::` nodes become the plugins of `trt_plugins` through the ONNX parser (no
-graph rewriting). TensorRT-RTX builds on a machine without a GPU. Precision: TensorRT-RTX and
-TensorRT >= 11 networks are strongly typed, so `--precision` must match the ONNX tensor types
-(re-export with `omnimoe export --dtype`); TensorRT 10.x can also lower an fp32 model with its
-FP16/BF16 builder flags. `--tokens` sets the optimization profile of the token axis: the last
-dynamic dimension of each input (`T` of a layer's x [T, d], `S` of a model's input_ids [B, S]);
-other dynamic dimensions (batch) are fixed to 1. Progress goes to stderr; the engine (and the
-timing cache) are written atomically; bad input is one line and exit code 2.
+The custom `omnimoe::` nodes become plugin layers through the ONNX parser (no graph rewriting).
+With `--plugins native` (default) they are the C++ plugins of trt_plugins.native: the model's
+Triton kernels are compiled ahead of time for each `--sm` into DIR/libomnimoe_trt_plugins.so
+(written beside the engine with its generated source), which the build loads instead of the
+Python plugins; engine + library need no Python. DIR/MODEL.engine.json records what the engine
+holds (`omnimoe inspect`, `serve-repo` and the trt runner read it). TensorRT-RTX builds on a
+machine without a GPU. Precision: TensorRT-RTX and TensorRT >= 11 networks are strongly typed, so
+`--precision` must match the ONNX tensor types (re-export with `omnimoe export --dtype`); TensorRT
+10.x can also lower an fp32 model with its FP16/BF16 builder flags. `--tokens` sets one profile on
+the token axis: the last dynamic dimension of each input (`T` of a layer's x [T, d], `S` of a
+model's input_ids [B, S]), other dynamic dimensions (batch) fixed to 1; the trtexec-style shape
+flags give full profiles (several, batch > 1). Progress goes to stderr; every output is written
+atomically; bad input is one line and exit code 2.
 """
 from __future__ import annotations
 
