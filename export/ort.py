@@ -215,7 +215,10 @@ def ort_session(path: str | os.PathLike, providers: list | None = None, session_
     if not path.is_file():
         raise OmniMoEInputError(f"{path}: no such ONNX model")
     options = session_options or ort.SessionOptions()
-    providers = providers or ["CPUExecutionProvider"]
+    # fp32 means fp32: the CUDA provider would otherwise run fp32 MatMuls in TF32 (its use_tf32
+    # default), ~1e-3 off the reference, which parity at fp32 tolerances rightly fails.
+    providers = [("CUDAExecutionProvider", {"use_tf32": "0"}) if p == "CUDAExecutionProvider" else p
+                 for p in providers or ["CPUExecutionProvider"]]
     # Graph structure only; external data (large tables) stays on disk for ORT to map.
     model = onnx.load(str(path), load_external_data=False)
     rewritten = False
