@@ -52,8 +52,9 @@ def _probe_parent(path: Path) -> None:
     if not parent.is_dir():
         raise OmniMoEInputError(f"{path}: cannot write there, {parent} is not a directory")
     try:
-        probe = tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=parent)
-        os.rmdir(probe)
+        with _critical():  # a signal between the two calls would leave the probe behind
+            probe = tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=parent)
+            os.rmdir(probe)
     except OSError as e:
         raise OmniMoEInputError(f"{path}: cannot write in {parent} ({e.strerror or e})") from None
 
@@ -228,15 +229,19 @@ def atomic_files(finals: list, overwrite: bool = False, stale: Iterable = ()) ->
     """
     finals = [Path(f) for f in finals]
     parent = finals[0].parent
-    created = _make_parents(finals[0])
+    created: list[Path] = []
     tmp_dir = None
     ok = False
     try:
-        try:
-            tmp_parent = None if _special(finals[0]) else parent  # /dev is no place for temporary files
-            tmp_dir = Path(tempfile.mkdtemp(prefix=f".{finals[0].name}.", suffix=".tmp", dir=tmp_parent))
-        except OSError as e:
-            raise OmniMoEInputError(f"{finals[0]}: cannot write in {parent} ({e.strerror or e})") from None
+        # Signals wait until both are recorded: one landing between a mkdir and its assignment
+        # would leave a folder nobody removes (the deferred signal is raised inside this try).
+        with _critical():
+            created = _make_parents(finals[0])
+            try:
+                tmp_parent = None if _special(finals[0]) else parent  # /dev is no place for temporary files
+                tmp_dir = Path(tempfile.mkdtemp(prefix=f".{finals[0].name}.", suffix=".tmp", dir=tmp_parent))
+            except OSError as e:
+                raise OmniMoEInputError(f"{finals[0]}: cannot write in {parent} ({e.strerror or e})") from None
         tmps = [tmp_dir / f.name for f in finals]
         yield tmps
         with _critical(), _parent_lock(parent):
