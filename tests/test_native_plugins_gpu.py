@@ -261,3 +261,31 @@ def test_batch_above_one_is_flattened_tokens(lib):
         torch.cuda.synchronize()
         assert torch.equal(i1, indices[rows]) and torch.equal(g1, gates[rows])
         assert torch.equal(y1, y[rows])
+
+
+@pytest.mark.parametrize(
+    "s,d,K,dtype,activation,gate",
+    [
+        (2, 100, 1, "fp32", "relu", "product"),  # K = 1, d not a multiple of 16
+        (2, 24, 4, "bf16", "gelu", "softmax"),  # K = N
+        (33, 48, 65, "fp16", "gelu_tanh", "softmax"),  # odd s, first K of the workspace router
+    ],
+)
+def test_odd_shapes_end_to_end(tmp_path, s, d, K, dtype, activation, gate):
+    """Shapes outside the main matrix, each in a library of its own: router then experts, against
+    the reference, at a token count that takes the expert-centric schedule where it can."""
+    N, dt = s * s, DTYPES[dtype]
+    path = native.build_library([native.TopKVariant(s, K, gate), native.ExpertsVariant(d, N, K, dtype, activation)],
+                                tmp_path / native.LIBRARY_NAME, sms=[_this_sm()]).path
+    lib = native.NativeLib(path)
+    for T in (1, 37, 2048):
+        lx, ly = router_inputs(T, s, seed=T)
+        x, up, down, _, _ = expert_inputs(T, d, N, K, dt, seed=T)
+        stream = torch.cuda.current_stream()
+        gates, indices, _ = topk_launch(lib, lx, ly, K, gate, stream, harness=True)
+        y, ws = experts_buffers(lib, T, d, N, K, dt)
+        run_experts(lib, x, up, down, gates, indices, y, ws, activation, stream, harness=True)
+        torch.cuda.synchronize()
+        assert_topk_matches_reference(gates, indices, lx, ly, K, gate)
+        ref = expert_grouped_matmul_reference(x, up, down, gates, indices, activation)
+        torch.testing.assert_close(y.float(), ref.float(), **TOL[dt])
