@@ -431,14 +431,22 @@ def token_profile(parsed: ParsedNetwork, tokens: tuple[int, int, int]):
     return profile, shapes
 
 
-def check_profile_inputs(model, profiles: list[dict]) -> None:
-    """Every input a profile names is an input of the ONNX graph (checked before any compile)."""
-    initializers = {init.name for init in model.graph.initializer}
-    inputs = [i.name for i in model.graph.input if i.name not in initializers]
+def profiles_text(profiles: list[dict]) -> str:
+    """'x (1, 1, 64)..(1, 4096, 64); ...' for the build's messages."""
+    return "; ".join(", ".join(f"{n} {lo}..{hi}" for n, (lo, _, hi) in p.items()) for p in profiles) or "static shapes"
+
+
+def _check_profile_names(profiles: list[dict], inputs) -> None:
     for k, shapes in enumerate(profiles):
         unknown = sorted(set(shapes) - set(inputs))
         if unknown:
             raise OmniMoEInputError(f"profile {k}: no network input named {', '.join(unknown)} (inputs: {', '.join(inputs)})")
+
+
+def check_profile_inputs(model, profiles: list[dict]) -> None:
+    """Every input a profile names is an input of the ONNX graph (checked before any compile)."""
+    initializers = {init.name for init in model.graph.initializer}
+    _check_profile_names(profiles, [i.name for i in model.graph.input if i.name not in initializers])
 
 
 def explicit_profiles(parsed: ParsedNetwork, profiles: list[dict]) -> list:
@@ -446,10 +454,8 @@ def explicit_profiles(parsed: ParsedNetwork, profiles: list[dict]) -> list:
     network's inputs (every dynamic input covered, static dims kept)."""
     network, out = parsed.network, []
     inputs = {network.get_input(i).name: [int(d) for d in network.get_input(i).shape] for i in range(network.num_inputs)}
+    _check_profile_names(profiles, inputs)
     for k, shapes in enumerate(profiles):
-        unknown = sorted(set(shapes) - set(inputs))
-        if unknown:
-            raise OmniMoEInputError(f"profile {k}: no network input named {', '.join(unknown)} (inputs: {', '.join(inputs)})")
         profile = parsed.builder.create_optimization_profile()
         for name, dims in inputs.items():
             if name not in shapes:
@@ -638,8 +644,7 @@ def _build(trt, model_path, model, plan: _BuildPlan):
                 f"{need} bytes ({need / 2**20:.2f} MiB) of workspace at {tokens} tokens, the profiles' maximum"
             )
         config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, plan.workspace_limit)
-    shapes = all_shapes[0] if all_shapes else {}
-    span = "; ".join(", ".join(f"{n} {lo}..{hi}" for n, (lo, _, hi) in p.items()) for p in all_shapes) or "static shapes"
+    span = profiles_text(all_shapes)
     timing_cache = plan.timing_cache
     cache_path = Path(timing_cache) if timing_cache else None
     notes = []
@@ -748,6 +753,7 @@ def run(args) -> int:
     import json
     import sys
 
+    import omnimoe
     from omnimoe.atomic import atomic_files, check_output
 
     tokens = parse_tokens(args.tokens)  # before any heavy import: a bad range fails fast
@@ -815,7 +821,7 @@ def run(args) -> int:
         )
         tmps[0].write_bytes(result.engine)
         meta = {
-            "omnimoe_version": _omnimoe_version(),
+            "omnimoe_version": omnimoe.__version__,
             "onnx": str(args.model),
             "backend": result.backend,
             "backend_version": result.backend_version,
@@ -834,29 +840,21 @@ def run(args) -> int:
     if args.timing_cache and result.timing_cache is not None:
         with atomic_files([args.timing_cache]) as (tmp,):
             tmp.write_bytes(result.timing_cache)
-    profile = "; ".join(", ".join(f"{name} {lo}..{hi}" for name, (lo, _, hi) in p.items()) for p in result.profiles)
-    profile = profile or "static shapes"
+    profile = profiles_text(result.profiles)
     plugins = ", ".join(sorted({p for _, p, _ in result.plugin_layers})) or "no plugins"
     sys.stdout.write(
         f"wrote {output} ({len(result.engine) / 2**20:.2f} MiB; {result.backend}, {result.precision}; "
         f"{profile}; {len(result.plugin_layers)} plugin layers: {plugins}; built in {result.seconds:.1f}s)\n"
     )
     if library:
+        lib_path = outputs[2]
         sizes = ", ".join(f"{k} {v / 1024:.0f} KiB" for k, v in library.info["kernel_bytes"].items())
         sys.stdout.write(
-            f"wrote {output.with_name(native.LIBRARY_NAME)} (native plugins, {output.with_name(native.LIBRARY_NAME).stat().st_size / 2**20:.2f} MiB; "
+            f"wrote {lib_path} (native plugins, {lib_path.stat().st_size / 2**20:.2f} MiB; "
             f"kernels: {sizes}; AOT {library.seconds_compile_kernels:.1f}s + C++ {library.seconds_compile_cpp:.1f}s)\n"
-            f"run it without Python: trtexec --loadEngine={output} --dynamicPlugins={output.with_name(native.LIBRARY_NAME)}\n"
+            f"run it without Python: trtexec --loadEngine={output} --dynamicPlugins={lib_path}\n"
         )
     elif result.plugin_layers:
         sys.stdout.write("python plugins: the process that runs this engine must `import trt_plugins; trt_plugins.register()`\n")
     return 0
 
-
-def _omnimoe_version() -> str:
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        return version("omnimoe")
-    except PackageNotFoundError:
-        return "unknown"

@@ -187,7 +187,9 @@ def inspect_onnx(path: Path) -> dict:
 
 # --- engines -------------------------------------------------------------------------------------
 def inspect_engine(path: Path) -> dict:
-    record_path = path.with_name(path.name + ".json")
+    from deploy.build import sidecar_path
+
+    record_path = sidecar_path(path)
     info = {"kind": "engine", "path": str(path), "bytes": path.stat().st_size, "build_record": None}
     if not record_path.is_file():
         info["note"] = (f"no build record {record_path.name} next to the engine: an engine's layers, profiles and "

@@ -34,9 +34,9 @@ def _arch_dir() -> str:
 
 def find_trt_include(explicit: str | None = None) -> Path:
     """A directory holding NvInferRuntime.h (TensorRT 10.x headers)."""
-    candidates = [explicit, os.environ.get("TENSORRT_INCLUDE_DIR")]
-    if explicit or os.environ.get("TENSORRT_INCLUDE_DIR"):
-        chosen = Path(explicit or os.environ["TENSORRT_INCLUDE_DIR"])
+    given = explicit or os.environ.get("TENSORRT_INCLUDE_DIR")
+    if given:
+        chosen = Path(given)
         if not (chosen / "NvInferRuntime.h").is_file():
             raise OmniMoEInputError(f"no NvInferRuntime.h in TensorRT include dir {chosen}")
         return chosen
@@ -177,7 +177,7 @@ def variants_from_onnx(model) -> list:
 def _paired_top_k(nodes, node, attr) -> int:
     """K of the top-K node whose outputs feed this experts node (when shapes were not inferred)."""
     for other in nodes:
-        if list(other.output)[:2] and node.input[3] in other.output:
+        if node.input[3] in other.output:
             return int(attr(other, "top_k"))
     raise OmniMoEInputError(f"{node.op_type} node {node.name!r}: cannot tell top_k from the graph")
 

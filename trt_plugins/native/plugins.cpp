@@ -1016,42 +1016,45 @@ IPluginCreatorInterface* const* getCreators(int32_t& nbCreators)
     return all;
 }
 
-// TensorRT-free harness: create a plugin through its creator with parser-encoded fields and run
-// its own onShapeChange + enqueue on raw pointers (the path an engine takes). 0 on success.
+// TensorRT-free harness: create a plugin through the library's own creator (getCreators' order:
+// top-K, experts) with parser-encoded fields, then run its onShapeChange + enqueue on raw pointers
+// (the path an engine takes). 0 on success.
+static int32_t runThroughPlugin(int32_t creatorIndex, FieldStore& store, int64_t const (*shapes)[2],
+    DataType const* types, int32_t nbInputs, int32_t nbOutputs, void const* const* ins, void* const* outs,
+    void* workspace, CUstream stream)
+{
+    int32_t count = 0;
+    auto* creator = static_cast<IPluginCreatorV3One*>(creators(count)[creatorIndex]);
+    IPluginV3* plugin = creator->createPlugin("harness", store.collection(), TensorRTPhase::kRUNTIME);
+    if (!plugin)
+        return 1;
+    auto* runtime = static_cast<IPluginV3OneRuntime*>(plugin->getCapabilityInterface(PluginCapabilityType::kRUNTIME));
+    PluginTensorDesc desc[8]{};
+    for (int32_t i = 0; i < nbInputs + nbOutputs; ++i)
+    {
+        desc[i].dims.nbDims = 2;
+        desc[i].dims.d[0] = shapes[i][0];
+        desc[i].dims.d[1] = shapes[i][1];
+        desc[i].type = types[i];
+    }
+    int32_t status = runtime->onShapeChange(desc, nbInputs, desc + nbInputs, nbOutputs);
+    if (status == 0)
+        status = runtime->enqueue(desc, desc + nbInputs, ins, outs, workspace, cudaStream_t(stream));
+    delete plugin;
+    return status;
+}
+
 int32_t omnimoe_native_harness_topk(int32_t topK, char const* gate, int64_t T, int32_t s, void const* logProbsX,
     void const* logProbsY, void* gates, void* indices, void* workspace, CUstream stream)
 {
     FieldStore store;
     store.addInt(gen::kTopKFields[0].name, topK);
     store.addString(gen::kTopKFields[1].name, gate);
-    static Creator<TopKPlugin> creator(gen::kTopKOpType, gen::kTopKFields, gen::kNumTopKFields);
-    IPluginV3* plugin = creator.createPlugin("harness", store.collection(), TensorRTPhase::kRUNTIME);
-    if (!plugin)
-        return 1;
-    auto* runtime = static_cast<IPluginV3OneRuntime*>(plugin->getCapabilityInterface(PluginCapabilityType::kRUNTIME));
-    PluginTensorDesc in[2]{}, out[2]{};
-    for (auto* desc : {&in[0], &in[1]})
-    {
-        desc->dims.nbDims = 2;
-        desc->dims.d[0] = T;
-        desc->dims.d[1] = s;
-        desc->type = DataType::kFLOAT;
-    }
-    for (int32_t i = 0; i < 2; ++i)
-    {
-        out[i].dims.nbDims = 2;
-        out[i].dims.d[0] = T;
-        out[i].dims.d[1] = topK;
-    }
-    out[0].type = DataType::kFLOAT;
-    out[1].type = DataType::kINT32;
+    int64_t const shapes[4][2] = {{T, s}, {T, s}, {T, topK}, {T, topK}};
+    DataType const types[4] = {DataType::kFLOAT, DataType::kFLOAT, DataType::kFLOAT, DataType::kINT32};
     void const* ins[] = {logProbsX, logProbsY};
     void* outs[] = {gates, indices};
-    int32_t status = runtime->onShapeChange(in, 2, out, 2);
-    if (status == 0)
-        status = runtime->enqueue(in, out, ins, outs, workspace, cudaStream_t(stream));
-    delete plugin;
-    return status;
+    return runThroughPlugin(0, store, shapes, types, 2, 2, ins, outs, workspace, stream);
 }
 
 int32_t omnimoe_native_harness_experts(char const* activation, int32_t dtype, int64_t T, int32_t d, int32_t n,
@@ -1060,30 +1063,13 @@ int32_t omnimoe_native_harness_experts(char const* activation, int32_t dtype, in
 {
     FieldStore store;
     store.addString(gen::kExpertsFields[0].name, activation);
-    static Creator<ExpertsPlugin> creator(gen::kExpertsOpType, gen::kExpertsFields, gen::kNumExpertsFields);
-    IPluginV3* plugin = creator.createPlugin("harness", store.collection(), TensorRTPhase::kRUNTIME);
-    if (!plugin)
-        return 1;
-    auto* runtime = static_cast<IPluginV3OneRuntime*>(plugin->getCapabilityInterface(PluginCapabilityType::kRUNTIME));
     DataType const floatTypes[] = {DataType::kFLOAT, DataType::kHALF, DataType::kBF16};
     DataType t = (dtype >= 0 && dtype < 3) ? floatTypes[dtype] : DataType::kINT8;
-    int64_t shapes[6][2] = {{T, d}, {n, d}, {n, d}, {T, k}, {T, k}, {T, d}};
-    DataType types[6] = {t, t, t, DataType::kFLOAT, DataType::kINT32, t};
-    PluginTensorDesc desc[6]{};
-    for (int32_t i = 0; i < 6; ++i)
-    {
-        desc[i].dims.nbDims = 2;
-        desc[i].dims.d[0] = shapes[i][0];
-        desc[i].dims.d[1] = shapes[i][1];
-        desc[i].type = types[i];
-    }
+    int64_t const shapes[6][2] = {{T, d}, {n, d}, {n, d}, {T, k}, {T, k}, {T, d}};
+    DataType const types[6] = {t, t, t, DataType::kFLOAT, DataType::kINT32, t};
     void const* ins[] = {x, up, down, gates, indices};
     void* outs[] = {y};
-    int32_t status = runtime->onShapeChange(desc, 5, desc + 5, 1);
-    if (status == 0)
-        status = runtime->enqueue(desc, desc + 5, ins, outs, workspace, cudaStream_t(stream));
-    delete plugin;
-    return status;
+    return runThroughPlugin(1, store, shapes, types, 5, 1, ins, outs, workspace, stream);
 }
 
 } // extern "C"
