@@ -341,11 +341,16 @@ class ParsedNetwork:
         return out
 
 
-def native_library_error(path) -> str:
-    """The last error message of a loaded native plugin library ('' if none)."""
+def native_library_error(path, *, clear: bool = False) -> str:
+    """The last error message of a loaded native plugin library ('' if none); `clear` forgets it
+    (before a build, so a message left by an earlier one is never reported for this one)."""
     from trt_plugins.native import NativeLib
 
-    return NativeLib(path).error().removeprefix("omnimoe native plugins: ")
+    lib = NativeLib(path)
+    if clear:
+        lib.clear_error()
+        return ""
+    return lib.error().removeprefix("omnimoe native plugins: ")
 
 
 def load_plugin_library(trt, path) -> object:
@@ -591,6 +596,8 @@ def build_engine(
     trt = trt_plugins.load(backend)
     engine_precision, strongly_typed = _precision_plan(trt, onnx_precision(model), precision)
     handle = load_plugin_library(trt, plugin_library) if plugin_library is not None else None
+    if handle is not None:
+        native_library_error(plugin_library, clear=True)
     try:
         plan = _BuildPlan(engine_precision, strongly_typed, tokens, profiles, workspace_limit, timing_cache, progress,
                           python_plugins=handle is None)

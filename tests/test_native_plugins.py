@@ -166,6 +166,12 @@ def test_a_library_without_the_models_kernels_fails_the_build_clearly(library, t
     other = make_plugin_graph(tmp_path / "other.onnx", s=4, d=8, top_k=3)  # variants the library does not hold
     with pytest.raises(OmniMoEInputError, match="no kernel compiled for"):
         build_mod.build_engine(other, backend=RTX, tokens="1:8:16", plugin_library=library.path)
+    # A later failure of another kind is not blamed on that message.
+    bad = make_plugin_graph(tmp_path / "bad.onnx", s=8, d=32, top_k=6, gate="softmax", activation="gelu")
+    with pytest.raises(OmniMoEInputError) as failure:
+        build_mod.build_engine(bad, backend=RTX, tokens="1:8:16", plugin_library=library.path,
+                               profiles=[{"nope": ((1, 32), (1, 32), (1, 32))}])
+    assert "no kernel compiled" not in str(failure.value) and "nope" in str(failure.value)
     # The library is unloaded again: the same process still builds with the Python plugins.
     result = build_mod.build_engine(other, backend=RTX, tokens="1:8:16")
     assert len(result.engine) > 1000

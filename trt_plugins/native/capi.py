@@ -21,6 +21,7 @@ _SIGNATURES = {
     "omnimoe_native_topk_workspace_bytes": (_I64, [_I64, _I32, _I32]),
     "omnimoe_native_experts_workspace_bytes": (_I64, [_I64, _I32, _I32, _I32]),
     "omnimoe_native_last_error": (ctypes.c_char_p, []),
+    "omnimoe_native_clear_error": (None, []),
     "omnimoe_native_info": (ctypes.c_char_p, []),
     "omnimoe_native_prepare": (_I32, []),
     "omnimoe_native_harness_topk": (_I32, [_I32, ctypes.c_char_p, _I64, _I32, _P, _P, _P, _P, _P, _P]),

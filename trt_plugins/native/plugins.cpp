@@ -487,6 +487,12 @@ char const* omnimoe_native_last_error()
     return gLastError;
 }
 
+// Forgets the last message, so a caller can tell whether a step of its own produced one.
+void omnimoe_native_clear_error()
+{
+    gLastError[0] = '\0';
+}
+
 // JSON: SMs, variants, tool versions (what `omnimoe inspect` and the tests read).
 char const* omnimoe_native_info()
 {
