@@ -407,12 +407,10 @@ def parse_network(
     return ParsedNetwork(trt, logger, builder, network, parser, model, model_precision)
 
 
-def token_profile(parsed: ParsedNetwork, tokens: tuple[int, int, int]):
-    """One optimization profile: the last dynamic dim of each input spans `tokens`, others are 1.
-
-    Returns (profile or None when every input is static, {input: (min, opt, max) shapes}).
-    """
-    trt, network = parsed.trt, parsed.network
+def token_shapes(parsed: ParsedNetwork, tokens: tuple[int, int, int]) -> dict:
+    """The `--tokens` profile: the last dynamic dim of each input spans `tokens`, other dynamic
+    dims are 1. {input: (min, opt, max) shapes}; empty when every input is static."""
+    network = parsed.network
     shapes = {}
     for i in range(network.num_inputs):
         tensor = network.get_input(i)
@@ -428,12 +426,7 @@ def token_profile(parsed: ParsedNetwork, tokens: tuple[int, int, int]):
             shape[dynamic[-1]] = value
             per_bound.append(tuple(shape))
         shapes[tensor.name] = tuple(per_bound)
-    if not shapes:
-        return None, shapes
-    profile = parsed.builder.create_optimization_profile()
-    for name, (lo, opt, hi) in shapes.items():
-        profile.set_shape(name, lo, opt, hi)
-    return profile, shapes
+    return shapes
 
 
 def profiles_text(profiles: list[dict]) -> str:
@@ -454,14 +447,13 @@ def check_profile_inputs(model, profiles: list[dict]) -> None:
     _check_profile_names(profiles, [i.name for i in model.graph.input if i.name not in initializers])
 
 
-def explicit_profiles(parsed: ParsedNetwork, profiles: list[dict]) -> list:
-    """TensorRT optimization profiles from parsed --min/--opt/--max-shapes, checked against the
-    network's inputs (every dynamic input covered, static dims kept)."""
-    network, out = parsed.network, []
+def check_network_profiles(parsed: ParsedNetwork, profiles: list[dict]) -> None:
+    """Parsed --min/--opt/--max-shapes against the network's inputs: every dynamic input covered,
+    static dims kept (one line naming the profile and input otherwise)."""
+    network = parsed.network
     inputs = {network.get_input(i).name: [int(d) for d in network.get_input(i).shape] for i in range(network.num_inputs)}
     _check_profile_names(profiles, inputs)
     for k, shapes in enumerate(profiles):
-        profile = parsed.builder.create_optimization_profile()
         for name, dims in inputs.items():
             if name not in shapes:
                 if any(d < 0 for d in dims):
@@ -470,7 +462,34 @@ def explicit_profiles(parsed: ParsedNetwork, profiles: list[dict]) -> list:
             for bound in shapes[name]:
                 if len(bound) != len(dims) or any(d >= 0 and b != d for b, d in zip(bound, dims)):
                     raise OmniMoEInputError(f"profile {k}: input {name} has shape {dims} (-1 = dynamic), got {bound}")
-            profile.set_shape(name, *shapes[name])
+
+
+def polygraphy_trt(trt):
+    """polygraphy.backend.trt, driving the same TensorRT flavour as `trt` (polygraphy picks
+    TensorRT or TensorRT-RTX once, when its trt backend is first imported)."""
+    import sys
+
+    import polygraphy.config as pg_config
+    import trt_plugins
+
+    rtx = trt_plugins.backend_of(trt) == "tensorrt-rtx"
+    if "polygraphy.backend.trt" in sys.modules and pg_config.USE_TENSORRT_RTX != rtx:
+        drives = "TensorRT-RTX" if pg_config.USE_TENSORRT_RTX else "TensorRT"
+        raise OmniMoEInputError(f"polygraphy already drives {drives} in this process; build with that --backend "
+                                "or in a new process")
+    pg_config.USE_TENSORRT_RTX = rtx
+    from polygraphy.backend import trt as pg_trt
+
+    return pg_trt
+
+
+def polygraphy_profiles(pg_trt, profiles: list[dict]) -> list:
+    """polygraphy Profiles from {input: (min, opt, max)} dicts."""
+    out = []
+    for shapes in profiles:
+        profile = pg_trt.Profile()
+        for name, (lo, opt, hi) in shapes.items():
+            profile.add(name, lo, opt, hi)
         out.append(profile)
     return out
 
@@ -550,14 +569,13 @@ def _plugin_layers(parsed: ParsedNetwork) -> list:
     return out
 
 
-def _load_timing_cache(config, path: Path | None):
+def _set_timing_cache(config, path: Path | None):
     data = b""
     if path is not None and path.exists():
         data = path.read_bytes()
     cache = config.create_timing_cache(data)
     if cache is None or not config.set_timing_cache(cache, False):
         raise OmniMoEInputError(f"--timing-cache {path} is not a timing cache this TensorRT can use")
-    return cache
 
 
 def build_engine(
@@ -627,22 +645,23 @@ class _BuildPlan:
 
 
 def _build(trt, model_path, model, plan: _BuildPlan):
+    """Parse with our logger (one-line parser and builder errors), then polygraphy's loaders:
+    CreateConfig (profiles, precision flags, memory pools, progress monitor) and
+    engine_bytes_from_network."""
     import trt_plugins
+    from polygraphy.exception import PolygraphyException
+    from polygraphy.logger import G_LOGGER
 
+    pg_trt = polygraphy_trt(trt)
     engine_precision, progress = plan.precision, plan.progress
     parsed = parse_network(model_path, strongly_typed=plan.strongly_typed, trt=trt, model=model,
                            python_plugins=plan.python_plugins)
-    config = parsed.builder.create_builder_config()
-    if not plan.strongly_typed:
-        config.set_flag(trt.BuilderFlag.FP16 if engine_precision == "fp16" else trt.BuilderFlag.BF16)
     if plan.profiles:
+        check_network_profiles(parsed, plan.profiles)
         all_shapes = plan.profiles
-        trt_profiles = explicit_profiles(parsed, plan.profiles)
     else:
-        profile, shapes = token_profile(parsed, plan.tokens)
-        all_shapes, trt_profiles = ([shapes], [profile]) if profile is not None else ([], [])
-    for profile in trt_profiles:
-        config.add_optimization_profile(profile)
+        shapes = token_shapes(parsed, plan.tokens)
+        all_shapes = [shapes] if shapes else []
     if plan.workspace_limit is not None:
         need, tokens = plugin_workspace_bytes(model, all_shapes)
         if need > plan.workspace_limit:
@@ -650,17 +669,45 @@ def _build(trt, model_path, model, plan: _BuildPlan):
                 f"--mem-pool-size workspace of {plan.workspace_limit} bytes is too small: the omnimoe plugins need "
                 f"{need} bytes ({need / 2**20:.2f} MiB) of workspace at {tokens} tokens, the profiles' maximum"
             )
-        config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, plan.workspace_limit)
     span = profiles_text(all_shapes)
-    timing_cache = plan.timing_cache
-    cache_path = Path(timing_cache) if timing_cache else None
+    cache_path = Path(plan.timing_cache) if plan.timing_cache else None
     notes = []
     if cache_path is not None and trt_plugins.backend_of(trt) == "tensorrt-rtx":
         # TensorRT-RTX does no build-time tactic timing (its timing-cache calls are no-ops).
         notes.append(f"TensorRT-RTX has no build-time timing cache; --timing-cache {cache_path} left untouched")
         cache_path = None
-    if cache_path is not None:
-        _load_timing_cache(config, cache_path)
+
+    configs = []  # the config polygraphy created, for the timing cache afterwards
+
+    def build(monitor=None):
+        # polygraphy's own log lines stay quiet; its failure becomes our one-line message.
+        with G_LOGGER.verbosity(G_LOGGER.CRITICAL + 1):
+            return _build_quietly(monitor)
+
+    def _build_quietly(monitor):
+        lowered = not plan.strongly_typed
+        create = pg_trt.CreateConfig(
+            fp16=lowered and engine_precision == "fp16",
+            bf16=lowered and engine_precision == "bf16",
+            profiles=polygraphy_profiles(pg_trt, all_shapes) or None,
+            memory_pool_limits=(None if plan.workspace_limit is None
+                                else {trt.MemoryPoolType.WORKSPACE: plan.workspace_limit}),
+            progress_monitor=monitor,
+        )
+
+        def config_for(builder, network):
+            config = create(builder, network)
+            if cache_path is not None:
+                _set_timing_cache(config, cache_path)
+            configs.append(config)
+            return config
+
+        try:
+            return pg_trt.engine_bytes_from_network((parsed.builder, parsed.network), config=config_for)
+        except PolygraphyException as e:
+            detail = parsed.logger.errors[-1] if parsed.logger.errors else str(e)
+            raise OmniMoEInputError(
+                f"TensorRT failed to build an engine from {model_path}: {_one_line(detail)}") from None
 
     start = time.perf_counter()
     if progress:
@@ -682,18 +729,14 @@ def _build(trt, model_path, model, plan: _BuildPlan):
             console=console,
             transient=True,
         ) as bars:
-            config.progress_monitor = _make_progress_monitor(trt, bars)
-            serialized = parsed.builder.build_serialized_network(parsed.network, config)
+            serialized = build(_make_progress_monitor(trt, bars))
     else:
-        serialized = parsed.builder.build_serialized_network(parsed.network, config)
+        serialized = build()
     seconds = time.perf_counter() - start
-    if serialized is None:
-        detail = parsed.logger.errors[-1] if parsed.logger.errors else "no error message from TensorRT"
-        raise OmniMoEInputError(f"TensorRT failed to build an engine from {model_path}: {_one_line(detail)}")
 
     cache_bytes = None
     if cache_path is not None:
-        cache_bytes = bytes(memoryview(config.get_timing_cache().serialize()))
+        cache_bytes = bytes(memoryview(configs[-1].get_timing_cache().serialize()))
     return BuildResult(
         engine=bytes(memoryview(serialized)),
         backend=trt_plugins.backend_of(trt),

@@ -327,9 +327,12 @@ def test_exported_tiny_lm_builds_with_one_plugin_pair_per_layer(trt, exported):
 @pytest.mark.parametrize("tokens,expected", [("1:64:512", (1, 64, 512)), ("7", (7, 7, 7)), ("2:2:9", (2, 2, 9))])
 def test_dynamic_token_profiles(exported, tokens, expected):
     parsed = build_mod.parse_network(exported["layer-fp32"], backend=RTX)
-    profile, shapes = build_mod.token_profile(parsed, build_mod.parse_tokens(tokens))
+    shapes = build_mod.token_shapes(parsed, build_mod.parse_tokens(tokens))
     assert shapes == {"x": tuple((1, t, 32) for t in expected)}
-    assert tuple(tuple(s) for s in profile.get_shape("x")) == shapes["x"]
+    # The same bounds reach TensorRT through polygraphy's Profile.
+    (profile,) = build_mod.polygraphy_profiles(build_mod.polygraphy_trt(parsed.trt), [shapes])
+    trt_profile = profile.to_trt(parsed.builder, parsed.network)
+    assert tuple(tuple(s) for s in trt_profile.get_shape("x")) == shapes["x"]
 
 
 # ------------------------------------------------------------------------------------------------
