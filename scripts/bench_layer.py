@@ -8,6 +8,10 @@ FLOPs / 790 TFLOP/s). Timings are medians of per-iteration CUDA-event times afte
 Accuracy per row: rel_err_bf16_vs_fp32 (our bf16 output against the layer in float32 on the same
 weights with our routing, all T tokens) and peer_rel_err_bf16_vs_fp32 (the PEER-style bf16 path
 against float32 with its own routing); rel_err_bf16 is against the bf16 reference backend.
+ONNX Runtime row (ORT_CONFIGS; needs onnxruntime-gpu): the layer's standard-op twin exported in
+bf16 (one export per weight shape, reused across token counts) on the CUDA execution provider,
+inputs and outputs bound to GPU memory (I/O binding), host wall time per run (ORT's run returns
+when the GPU is done); its error is against our bf16 output.
 Writes <out>/h200.json, <out>/h200.png and <out>/README-table.md and prints the table.
 
     python3 scripts/bench_layer.py --out benchmarks [--configs readme,n65k] [--iters 25]
@@ -43,6 +47,8 @@ CONFIGS = {
     "decode_t8": (1024, 4096, 1048576, 16, 8),
     "decode_t64": (1024, 4096, 1048576, 16, 64),
 }
+# Configs that also get the ONNX Runtime CUDA-provider row (issue 13).
+ORT_CONFIGS = ("readme", "n1m", "decode_t1", "decode_t8", "decode_t64")
 # Issue 11 targets: CUDA-graph ms, eager ms, and speed-up over the PEER-style layer (same run).
 TARGETS_MS = {"readme": 0.25, "n65k": 0.28, "n1m": 0.32, "paper_min": 1.1, "paper_k2048": 2.5, "paper_k4096": 3.0,
               "decode_t1": 0.035, "decode_t64": 0.045}
@@ -82,6 +88,18 @@ def _time(fn, iters, warmup=3, adaptive=False):
         warmup = 0
     ts = event_times_ms(fn, iters, warmup)
     return {"median_ms": statistics.median(ts), "min_ms": min(ts), "iters": iters}
+
+
+def _busy(fn, seconds: float = 0.5) -> None:
+    """Run fn back to back for a while first: an idle GPU's clocks ramp up under load, and the
+    first timed config of a run would otherwise pay for it (steady-state numbers; the first call
+    is measured on its own)."""
+    import torch
+
+    t0 = time.perf_counter()
+    while time.perf_counter() - t0 < seconds:
+        fn()
+        torch.cuda.synchronize()
 
 
 def _guard(fn):
@@ -142,6 +160,7 @@ def worker(name: str, iters: int, first_call_only: bool = False) -> dict:
         res["first_call_s"] = time.perf_counter() - t0
         if first_call_only:
             return res
+        _busy(lambda: layer(x))
         res["triton"] = _time(lambda: layer(x), iters)
 
         # CUDA graph of the whole layer forward (warm-up on a side stream, as torch recommends).
@@ -231,6 +250,68 @@ def worker(name: str, iters: int, first_call_only: bool = False) -> dict:
     return res
 
 
+def ort_worker(name: str, iters: int, cache_dir: str) -> dict:
+    """The standard-op twin of the config's layer on ONNX Runtime's CUDA provider: bf16, or fp16
+    where this onnxruntime lacks a bf16 CUDA kernel for one of the twin's ops (said in the row)."""
+    import onnxruntime as ort
+    import torch
+    from onnx import TensorProto
+
+    from export.onnx_export import export_onnx
+    from export.ort import ort_session
+
+    if "CUDAExecutionProvider" not in ort.get_available_providers():
+        return {"skipped": f"onnxruntime {ort.__version__} has no CUDA execution provider"}
+    d, inter, n, k, t = CONFIGS[name]
+    torch.manual_seed(0)
+    layer, x = bench_layer(d, inter, n, k, t)  # same seed: the same weights and x as the main row
+    with torch.inference_mode():
+        y_ours = layer(x)
+    layer.backend = "reference"
+    layer.cpu()
+    torch.cuda.empty_cache()
+    res = {"onnxruntime": ort.__version__}
+    for dtype, proto, torch_dtype in (("bf16", TensorProto.BFLOAT16, torch.bfloat16),
+                                      ("fp16", TensorProto.FLOAT16, torch.float16)):
+        # Weights depend on the shape only: the decode configs reuse n1m's export.
+        path = Path(cache_dir) / f"layer_d{d}_i{inter}_n{n}_k{k}_{dtype}.onnx"
+        if not path.is_file():
+            t0 = time.perf_counter()
+            export_onnx(layer, path, example_inputs=(torch.zeros(2, 3, d),), ops="standard", dtype=dtype,
+                        input_names=["x"], output_names=["y"], dynamic_shapes=({0: "batch", 1: "seq"},),
+                        progress=False)
+            res[f"export_{dtype}_s"] = time.perf_counter() - t0
+        try:
+            t0 = time.perf_counter()
+            sess = ort_session(path, providers=["CUDAExecutionProvider"])
+            res["session_s"] = time.perf_counter() - t0
+            xb = x.reshape(1, t, d).to(torch_dtype).contiguous()
+            yb = torch.empty_like(xb)
+            binding = sess.io_binding()
+            binding.bind_input("x", "cuda", 0, proto, list(xb.shape), xb.data_ptr())
+            binding.bind_output("y", "cuda", 0, proto, list(yb.shape), yb.data_ptr())
+            sess.run_with_iobinding(binding)
+        except Exception as e:  # noqa: BLE001 -- a missing kernel for this dtype: say so, try the next
+            res[f"{dtype}_failed"] = str(e).strip().splitlines()[0][:300]
+            continue
+        res["dtype"] = dtype
+        res["providers"] = sess.get_providers()
+        for _ in range(3):
+            sess.run_with_iobinding(binding)
+        times = []
+        for _ in range(iters):
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            sess.run_with_iobinding(binding)
+            torch.cuda.synchronize()
+            times.append(1e3 * (time.perf_counter() - t0))
+        res.update(median_ms=statistics.median(times), min_ms=min(times), iters=iters)
+        res["rel_err_vs_ours"] = _rel(yb.reshape(t, d), y_ours)
+        return res
+    res["skipped"] = "no dtype ran on the CUDA provider"
+    return res
+
+
 def _fmt(r, key):
     v = r.get(key)
     if not isinstance(v, dict):
@@ -265,12 +346,12 @@ def _err(v) -> str:
 
 def table(results: list[dict]) -> str:
     head = ("| config | T | N | K | dense MLP ms | PEER ms | reference ms | Triton ms | Triton graph ms | roofline ms "
-            "| vs PEER (graph) | vs roofline | target graph / eager ms | met | first call s: cached / cold "
+            "| ORT CUDA ms | vs PEER (graph) | vs roofline | target graph / eager ms | met | first call s: cached / cold "
             "| routing: same / near-tie / mismatch | rel err bf16 vs fp32: ours / PEER | rel err vs reference | rel err fp32 |")
     lines = [head, "|" + "|".join(["---"] * (head.count("|") - 1)) + "|"]
     for r in results:
         if "error" in r:
-            lines.append(f"| {r['name']} | | | | error: {r['error'][:80]} |" + " |" * 14)
+            lines.append(f"| {r['name']} | | | | error: {r['error'][:80]} |" + " |" * 15)
             continue
         best = r["triton_graph"]["median_ms"]
         peer = r["peer"].get("median_ms") if isinstance(r.get("peer"), dict) else None
@@ -281,7 +362,7 @@ def table(results: list[dict]) -> str:
         fp32 = max(r.get(f"rel_err_fp32_{k}", float("nan")) for k in ("token", "expert", "hybrid", "dense"))
         lines.append(
             f"| {name} | {r['T']} | {r['N']} | {r['K']} | {_fmt(r, 'dense')} | {_fmt(r, 'peer')} | {_fmt(r, 'reference')} "
-            f"| {_fmt(r, 'triton')} | {_fmt(r, 'triton_graph')} | {r['roofline_ms']:.3f} "
+            f"| {_fmt(r, 'triton')} | {_fmt(r, 'triton_graph')} | {r['roofline_ms']:.3f} | {_fmt(r, 'ort_cuda')} "
             f"| {'%.1fx' % (peer / best) if peer else 'n/a'} | {r['roofline_ms'] / best:.2f} "
             f"| {tgt} | {met} | {r['first_call_s']:.1f} / {r.get('first_call_cold_s', float('nan')):.1f} "
             f"| {r['agree_pct']:.2f}% / {r.get('near_tie_pct', 0.0):.2f}% / {r.get('routing_mismatches', 'n/a')} "
@@ -323,11 +404,17 @@ def main() -> int:
     ap.add_argument("--append", action="store_true",
                     help="keep the rows of other configs already in <out>/h200.json (a run split over several calls)")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
+    ap.add_argument("--ort-worker", help=argparse.SUPPRESS)
+    ap.add_argument("--ort-cache", help=argparse.SUPPRESS)
+    ap.add_argument("--no-ort", action="store_true", help="skip the ONNX Runtime CUDA-provider rows")
     ap.add_argument("--first-call-only", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--timeout", type=float, default=240.0, help="seconds per config subprocess")
     args = ap.parse_args()
     if args.worker:
         print("RESULT " + json.dumps(worker(args.worker, args.iters, args.first_call_only)), flush=True)
+        return 0
+    if args.ort_worker:
+        print("RESULT " + json.dumps(ort_worker(args.ort_worker, args.iters, args.ort_cache)), flush=True)
         return 0
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -338,6 +425,7 @@ def main() -> int:
         kept = [r for r in previous["results"] if r["name"] not in names]
         commands = previous["meta"].get("commands", [previous["meta"].get("command")])
     results = []
+    ort_cache = tempfile.mkdtemp(prefix="ort-models-")
     for name in names:
         # Fresh Triton cache per config: the first process pays the compile (first_call_cold_s),
         # the second reuses it from disk as any later process would (first_call_s).
@@ -351,6 +439,14 @@ def main() -> int:
                 r["first_call_cold_s"] = cold["first_call_s"]
         except subprocess.TimeoutExpired:
             r = {"name": name, "error": f"timed out after {args.timeout}s"}
+        if name in ORT_CONFIGS and not args.no_ort and "error" not in r:
+            ort_cmd = [sys.executable, str(Path(__file__).resolve()), "--ort-worker", name, "--iters", str(args.iters),
+                       "--ort-cache", ort_cache]
+            try:
+                o = _run_worker(ort_cmd, env, args.timeout)
+            except subprocess.TimeoutExpired:
+                o = {"error": f"timed out after {args.timeout}s"}
+            r["ort_cuda"] = {"skipped": o["error"]} if "error" in o else o
         r["wall_s"] = time.time() - t0
         print(json.dumps(r), flush=True)
         results.append(r)
@@ -369,7 +465,8 @@ def _run_worker(cmd, env, timeout) -> dict:
     line = [l for l in p.stdout.splitlines() if l.startswith("RESULT ")]
     if p.returncode or not line:
         sys.stderr.write(p.stderr[-3000:])
-        return {"name": cmd[cmd.index("--worker") + 1], "error": (p.stderr.strip().splitlines() or ["no output"])[-1]}
+        flag = "--worker" if "--worker" in cmd else "--ort-worker"
+        return {"name": cmd[cmd.index(flag) + 1], "error": (p.stderr.strip().splitlines() or ["no output"])[-1]}
     return json.loads(line[-1][7:])
 
 
