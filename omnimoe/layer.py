@@ -304,7 +304,7 @@ class OmniMoELayer(nn.Module):
         """As _forward_fused, with fewer launches: the router tail in one kernel (K <= 64), no
         argument re-checks between our own kernels, and the side stream only from
         _SIDE_STREAM_MIN_TOKENS tokens (below, the stream switches cost more host time than the
-        overlap saves)."""
+        overlap saves) or under graph capture."""
         from .kernels import experts as ke
         from .kernels.swiglu import gated_act_fast
 
@@ -321,7 +321,10 @@ class OmniMoELayer(nn.Module):
         dense = plain and ke.use_dense(T, cfg.top_k, cfg.num_experts)
         token = plain and not dense and not ke.use_expert_centric(T, cfg.top_k, cfg.num_experts)
         shared = cfg.intermediate_size > 0
-        side = _side_stream(x2.device) if shared and T >= _SIDE_STREAM_MIN_TOKENS else None
+        # While a CUDA graph is captured the switch costs nothing at replay: the two paths become
+        # parallel branches of the graph (decode's replays), whatever T is.
+        overlap = T >= _SIDE_STREAM_MIN_TOKENS or (x2.is_cuda and torch.cuda.is_current_stream_capturing())
+        side = _side_stream(x2.device) if shared and overlap else None
         if side is not None:
             main = torch.cuda.current_stream(x2.device)
             side.wait_stream(main)
