@@ -262,8 +262,20 @@ _ROUTER_CASES = {
     "router_prealloc_strided": lambda p: _router_case(3, 7, 10, "product", prealloc=True, strided=True, seed=8, path=p),
 }
 
+# The large-K kernel's lanes (issue 11): row lanes a < isqrt(K), column lanes b < K // (isqrt(K)+1).
+# K at and around squares (lane counts change), K = s^2 (every pair), column lanes longer than row
+# lanes, and ties spread over both lane kinds; "large" path only.
+_LANE_CASES = {
+    "router_lanes_k_square_ties": lambda: _router_case(4, 9, 81, "product", ties=True, seed=30, path="large"),
+    "router_lanes_k_square_minus_1": lambda: _router_case(4, 10, 99, "softmax", seed=31, path="large"),
+    "router_lanes_k_square_plus_1_ties": lambda: _router_case(5, 12, 65, "product", ties=True, seed=32, path="large"),
+    "router_lanes_long_columns": lambda: _router_case(4, 16, 66, "product", seed=33, path="large"),
+    "router_lanes_ties_k_lt_s": lambda: _router_case(5, 20, 13, "softmax", ties=True, seed=34, path="large"),
+}
+
 INTERP_CASES = {
     **{f"{name}_{p}": (lambda f=f, p=p: f(p)) for name, f in _ROUTER_CASES.items() for p in ("small", "large")},
+    **_LANE_CASES,
     "bad_workspace_and_out": _bad_workspace_case,
     **{f"experts_{act}_{sch}": (lambda a=act, sc=sch: _expert_case(7, 24, 36, 5, a, sc, seed=9))
        for act in ACTS for sch in ("token", "expert", "hybrid")},

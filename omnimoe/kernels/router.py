@@ -8,17 +8,19 @@ K > 64 (`_product_key_topk_kernel`), per token (one CTA):
 1. Sort each axis (bitonic `tl.sort` on packed (float-key, index) int64 so ties go to the smaller
    index) and keep the top KA = min(K, s) of each, in a per-token workspace slice.
 2. Only rank pairs (a, b) with (a+1)(b+1) <= K can be in the top-K (each has >= that many pairs
-   at least as large), so row a of the candidate grid has L_a = min(KA, K // (a+1)) entries, and
-   along a row the sums are non-increasing (fp addition is monotone). The K-th largest score
-   theta is found by bisection on the order-preserving int32 image of the fp32 sum; counting
-   "how many candidates >= theta" is a vectorised binary search in every row: O(KA log KA) per
-   step instead of O(candidates).
+   at least as large). That set is covered exactly once by <= 2 isqrt(K) "lanes" (not KA rows):
+   row lanes a < R = isqrt(K) with b < min(KA, K // (a+1)), and column lanes b < K // (R+1) with
+   R <= a < min(KA, K // (b+1)); along a lane the sums are non-increasing (fp addition is
+   monotone). The K-th largest score theta is found by bisection on the order-preserving int32
+   image of the fp32 sum; each step counts "candidates >= mid" by a binary search per lane that
+   only spans the lane's items still between the bracket's two counts (they shrink with it).
 3. Every candidate > theta is emitted; ties at theta are admitted smallest expert index first
    (a second bisection over expert ids, only run when ties overflow K).
 4. The K winners are written unsorted into the outputs, re-loaded, sorted (score desc, expert
    asc) with one bitonic sort of K elements and turned into gates (exp or softmax).
 
-Cost per token: two sorts of s, ~25 x log2(KA) x KA gathers for theta, one sort of K.
+Cost per token: two sorts of s, ~25 bisection steps of <= 2 isqrt(K) narrowing binary searches,
+one sort of K, now most of the time (H200, T=4096, s=320, K=2048: ~0.9 ms in a phase split).
 """
 from __future__ import annotations
 
@@ -32,9 +34,9 @@ import triton.language as tl
 from .. import ops
 from ._launch import Carver, check_device, check_out, next_pow2
 
-# Int32 words of per-token scratch per axis rank: x vals, y vals, x idx, y idx, row prefix,
-# tie prefix, strict counts.
-_WS_ROWS = 7
+# Int32 words of per-token scratch per axis rank: x vals, y vals, x idx, y idx, and per lane
+# (<= 2 per axis rank) the emit prefix, tie prefix and strict counts.
+_WS_ROWS = 10
 
 
 @triton.jit
@@ -67,25 +69,24 @@ def _sort_axis(row_ptr, s, vals_ptr, idx_ptr, KA, BLOCK_S: tl.constexpr):
 
 
 @triton.jit
-def _count_ge(xs, rowlen, ys_ptr, theta, STEPS: tl.constexpr):
-    """Per row a: #{b < rowlen[a] : key(xs[a] + ys[b]) >= theta} (rows are non-increasing)."""
-    lo = tl.zeros_like(rowlen)
-    hi = rowlen
+def _lane_count_ge(fixed, lo, hi, var_ptr, base, theta, STEPS: tl.constexpr):
+    """Per lane: lo + #{j in [lo, hi) : key(fixed + var[base + j]) >= theta}, given that every item
+    before lo is >= theta and none from hi on is (items along a lane are non-increasing)."""
     for _ in tl.static_range(STEPS):
         active = lo < hi
         mid = (lo + hi) // 2
-        yv = tl.load(ys_ptr + mid, mask=active, other=0.0)
-        ge = _f32_key(xs + yv).to(tl.int64) >= theta
+        v = tl.load(var_ptr + base + mid, mask=active, other=0.0)
+        ge = _f32_key(fixed + v).to(tl.int64) >= theta
         lo = tl.where(active & ge, mid + 1, lo)
         hi = tl.where(active & (~ge), mid, hi)
     return lo
 
 
 @triton.jit
-def _row_of(j, incl_ptr, KA, STEPS: tl.constexpr):
-    """Row a holding flat item j given inclusive row prefix sums: smallest a with incl[a] > j."""
+def _row_of(j, incl_ptr, NL, STEPS: tl.constexpr):
+    """Lane holding flat item j given inclusive lane prefix sums: smallest l with incl[l] > j."""
     lo = tl.zeros_like(j)
-    hi = tl.zeros_like(j) + KA
+    hi = tl.zeros_like(j) + NL
     for _ in tl.static_range(STEPS):
         active = lo < hi
         mid = (lo + hi) // 2
@@ -98,10 +99,19 @@ def _row_of(j, incl_ptr, KA, STEPS: tl.constexpr):
 
 
 @triton.jit
-def _tie_expert(j, xv_ptr, yv_ptr, xi_ptr, yi_ptr, q_ptr, g_ptr, s, KA, STEPS_A: tl.constexpr):
-    # Tie item j lives in row a at column g[a] + offset (ties are contiguous inside a row).
-    a, off = _row_of(j, q_ptr, KA, STEPS_A)
-    b = tl.load(g_ptr + a) + off
+def _lane_item(lane, j, R):
+    """Axis ranks (a, b) of item j of a lane: row lanes l < R hold (l, j), column lanes (R + j, l - R)."""
+    is_row = lane < R
+    a = tl.where(is_row, lane, R + j)
+    b = tl.where(is_row, j, lane - R)
+    return a, b
+
+
+@triton.jit
+def _tie_expert(j, xv_ptr, yv_ptr, xi_ptr, yi_ptr, q_ptr, g_ptr, s, R, NL, STEPS_L: tl.constexpr):
+    # Tie item j lives in lane l at item g[l] + offset (ties are contiguous inside a lane).
+    lane, off = _row_of(j, q_ptr, NL, STEPS_L)
+    a, b = _lane_item(lane, tl.load(g_ptr + lane) + off, R)
     e = tl.load(xi_ptr + a) * s + tl.load(yi_ptr + b)
     v = tl.load(xv_ptr + a) + tl.load(yv_ptr + b)
     return e, v
@@ -122,18 +132,18 @@ def _gates_of(score, km, SOFTMAX: tl.constexpr):
 def _product_key_topk_kernel(
     px_ptr, py_ptr, gates_ptr, idx_ptr, wsf_ptr, wsi_ptr,
     s, K, KA, stride_px, stride_py,
-    SOFTMAX: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_A: tl.constexpr, BLOCK_K: tl.constexpr,
-    CHUNK: tl.constexpr, STEPS_A: tl.constexpr, STEPS_N: tl.constexpr,
+    SOFTMAX: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_K: tl.constexpr,
+    CHUNK: tl.constexpr, STEPS_A: tl.constexpr, STEPS_L: tl.constexpr, STEPS_N: tl.constexpr,
 ):
     t = tl.program_id(0).to(tl.int64)
-    base = t * (7 * KA)
-    xv_ptr = wsf_ptr + base
+    base = t * (10 * KA)
+    xv_ptr = wsf_ptr + base  # xv then yv: the lanes' items are read as one array
     yv_ptr = xv_ptr + KA
     xi_ptr = wsi_ptr + base + 2 * KA
     yi_ptr = xi_ptr + KA
-    p_ptr = xi_ptr + 2 * KA  # inclusive prefix of rows' emitted counts
-    q_ptr = xi_ptr + 3 * KA  # inclusive prefix of rows' tie counts
-    g_ptr = xi_ptr + 4 * KA  # rows' strictly-greater counts
+    p_ptr = xi_ptr + 2 * KA  # inclusive prefix of lanes' emitted counts (<= 2 KA lanes)
+    q_ptr = xi_ptr + 4 * KA  # inclusive prefix of lanes' tie counts
+    g_ptr = xi_ptr + 6 * KA  # lanes' strictly-greater counts
     out_g = gates_ptr + t * K
     out_i = idx_ptr + t * K
 
@@ -141,40 +151,55 @@ def _product_key_topk_kernel(
     _sort_axis(py_ptr + t * stride_py, s, yv_ptr, yi_ptr, KA, BLOCK_S)
     tl.debug_barrier()
 
-    rows = tl.arange(0, BLOCK_A)
-    rmask = rows < KA
-    xs = tl.load(xv_ptr + rows, mask=rmask, other=float("-inf"))
-    rowlen = tl.where(rmask, tl.minimum(K // (rows + 1), KA), 0)
+    # Lanes: row lanes a < R hold (a, b < min(KA, K // (a+1))), column lanes b < C hold
+    # (R <= a < min(KA, K // (b+1)), b); R = min(KA, isqrt(K)), C = min(KA, K // (R+1)) cover the
+    # candidate set (a+1)(b+1) <= K exactly once with R + C <= 2 isqrt(K) lanes (<= BLOCK_L).
+    lanes = tl.arange(0, BLOCK_L)
+    R = tl.minimum(tl.sum(((lanes + 1) * (lanes + 1) <= K).to(tl.int32), axis=0), KA)  # isqrt(K) < BLOCK_L
+    NL = R + tl.minimum(KA, K // (R + 1))
+    lmask = lanes < NL
+    is_row = lanes < R
+    fix_idx = tl.where(is_row, lanes, KA + lanes - R)  # x rank a of a row lane, KA + y rank b of a column
+    fixed = tl.load(xv_ptr + fix_idx, mask=lmask, other=0.0)
+    var_base = tl.where(is_row, KA, R)  # items: yv[j] along a row lane, xv[R + j] along a column lane
+    lim = tl.minimum(K // (tl.where(is_row, lanes, lanes - R) + 1), KA)
+    lane_len = tl.where(lmask, tl.where(is_row, lim, tl.maximum(lim - R, 0)), 0)
 
-    # Bisection for theta = max{th : count(key >= th) >= K}. lo: the smallest candidate (count = all
-    # candidates >= K); hi: one past the largest (count 0).
+    # Bisection for theta = max{th : count(key >= th) >= K} with per-lane brackets: item counts
+    # c_hi = count(>= hi) <= count(>= mid) <= c_lo = count(>= lo), so each lane's binary search
+    # only spans its live items [c_hi, c_lo), which shrink with the bracket.
     lo = _f32_key(tl.load(xv_ptr + KA - 1) + tl.load(yv_ptr + KA - 1)).to(tl.int64)
     hi = _f32_key(tl.load(xv_ptr) + tl.load(yv_ptr)).to(tl.int64) + 1
+    c_lo = lane_len
+    c_hi = tl.zeros_like(lane_len)
     while hi - lo > 1:
         mid = (lo + hi) >> 1
-        c = tl.sum(_count_ge(xs, rowlen, yv_ptr, mid, STEPS_A), axis=0)
-        ok = c >= K
+        cm = _lane_count_ge(fixed, c_hi, c_lo, xv_ptr, var_base, mid, STEPS_A)
+        ok = tl.sum(cm, axis=0) >= K
         lo = tl.where(ok, mid, lo)
         hi = tl.where(ok, hi, mid)
-    theta = lo
-    cnt_ge = _count_ge(xs, rowlen, yv_ptr, theta, STEPS_A)
-    cnt_gt = _count_ge(xs, rowlen, yv_ptr, theta + 1, STEPS_A)
+        c_lo = tl.where(ok, cm, c_lo)
+        c_hi = tl.where(ok, c_hi, cm)
+    # Now hi == lo + 1: c_lo counts items >= theta = lo, c_hi items > theta.
+    cnt_ge = c_lo
+    cnt_gt = c_hi
     total_ge = tl.sum(cnt_ge, axis=0)
     n_gt = tl.sum(cnt_gt, axis=0)
     overflow = total_ge > K
     # Without overflow every candidate >= theta is a winner; with it, only the strict ones here.
     emit = tl.where(overflow, cnt_gt, cnt_ge)
     n_emit = tl.where(overflow, n_gt, total_ge)
-    tl.store(p_ptr + rows, tl.cumsum(emit, axis=0), mask=rmask)
-    tl.store(q_ptr + rows, tl.cumsum(cnt_ge - cnt_gt, axis=0), mask=rmask)
-    tl.store(g_ptr + rows, cnt_gt, mask=rmask)
+    tl.store(p_ptr + lanes, tl.cumsum(emit, axis=0), mask=lmask)
+    tl.store(q_ptr + lanes, tl.cumsum(cnt_ge - cnt_gt, axis=0), mask=lmask)
+    tl.store(g_ptr + lanes, cnt_gt, mask=lmask)
     tl.debug_barrier()
 
-    lanes = tl.arange(0, CHUNK)
+    ch = tl.arange(0, CHUNK)
     for o0 in range(0, n_emit, CHUNK):
-        o = o0 + lanes
+        o = o0 + ch
         om = o < n_emit
-        a, b = _row_of(o, p_ptr, KA, STEPS_A)
+        lane, j = _row_of(o, p_ptr, NL, STEPS_L)
+        a, b = _lane_item(lane, j, R)
         v = tl.load(xv_ptr + a, mask=om, other=0.0) + tl.load(yv_ptr + b, mask=om, other=0.0)
         e = tl.load(xi_ptr + a, mask=om, other=0) * s + tl.load(yi_ptr + b, mask=om, other=0)
         tl.store(out_g + o, v, mask=om)
@@ -191,9 +216,9 @@ def _product_key_topk_kernel(
             emid = (elo + ehi) // 2
             c = tl.zeros_like(n_tie)
             for j0 in range(0, n_tie, CHUNK):
-                j = j0 + lanes
+                j = j0 + ch
                 jm = j < n_tie
-                e, v = _tie_expert(tl.where(jm, j, 0), xv_ptr, yv_ptr, xi_ptr, yi_ptr, q_ptr, g_ptr, s, KA, STEPS_A)
+                e, v = _tie_expert(tl.where(jm, j, 0), xv_ptr, yv_ptr, xi_ptr, yi_ptr, q_ptr, g_ptr, s, R, NL, STEPS_L)
                 c += tl.sum((jm & (e < emid)).to(tl.int32), axis=0)
             # Once elo == ehi, emid == elo and c >= need, so the bounds stay put.
             ok = c >= need
@@ -202,9 +227,9 @@ def _product_key_topk_kernel(
         e_star = elo
         written = n_gt
         for j0 in range(0, n_tie, CHUNK):
-            j = j0 + lanes
+            j = j0 + ch
             jm = j < n_tie
-            e, v = _tie_expert(tl.where(jm, j, 0), xv_ptr, yv_ptr, xi_ptr, yi_ptr, q_ptr, g_ptr, s, KA, STEPS_A)
+            e, v = _tie_expert(tl.where(jm, j, 0), xv_ptr, yv_ptr, xi_ptr, yi_ptr, q_ptr, g_ptr, s, R, NL, STEPS_L)
             sel = jm & (e < e_star)
             pos = written + tl.cumsum(sel.to(tl.int32), axis=0) - 1
             tl.store(out_g + pos, v, mask=sel)
@@ -316,6 +341,14 @@ def _router_logits_topk_small_kernel(
     _small_topk_store(vx, vy, gates_ptr, idx_ptr, t, s, K, KA, SOFTMAX, BLOCK_S, BLOCK_A, BLOCK_K)
 
 
+def _large_num_warps(s: int, K: int) -> int:
+    # H200, T=4096, s=320: 4 warps run the final sort of K far faster than 8 (K=2048: 1.42 -> 0.96 ms,
+    # K=4096: 2.75 -> 2.03 ms); other shapes keep the 8 they were measured with.
+    if next_pow2(s) <= 512 and K >= 2048:
+        return 4
+    return 4 if max(next_pow2(K), next_pow2(s)) <= 256 else 8
+
+
 def _small_num_warps(s: int, ka: int) -> int:
     # Few warps keep the per-round max reductions inside a warp (shuffles, no block barrier);
     # enough warps to hold s and the (next_pow2 ka)^2 candidate keys in registers.
@@ -349,13 +382,18 @@ def topk_kernel_config(grid_side: int, top_k: int, gate: str):
                   BLOCK_K=max(16, next_pow2(K)))
     if K <= SMALL_K_MAX:
         return _product_key_topk_small_kernel, dict(common, num_warps=_small_num_warps(s, ka))
-    block_k = common["BLOCK_K"]
+    block_k = common.pop("BLOCK_K")
+    common.pop("BLOCK_A")
+    block_l = max(16, next_pow2(2 * math.isqrt(K)))
     return _product_key_topk_kernel, dict(
         common,
+        BLOCK_L=block_l,
+        BLOCK_K=block_k,
         CHUNK=min(block_k, 512),
         STEPS_A=max(1, math.ceil(math.log2(ka + 1))),
+        STEPS_L=max(1, math.ceil(math.log2(block_l + 1))),
         STEPS_N=max(1, math.ceil(math.log2(s * s + 1))),
-        num_warps=4 if max(block_k, next_pow2(s)) <= 256 else 8,
+        num_warps=_large_num_warps(s, K),
     )
 
 
