@@ -1,11 +1,16 @@
 #!/usr/bin/env python3
-"""Routed-expert schedules alone (token, hybrid, dense) at SPEC §7 shapes, bf16, one GPU.
+"""Routed-expert schedules alone (token, hybrid, dense, grid-row variants) at SPEC §7 shapes, bf16.
 
-Routing is drawn uniformly (distinct experts per token, random gates) so no router variant needs
-compiling; timings are medians of CUDA-event times; accuracy is each schedule's bf16 output
-against float32 on the same weights and routing (first 128 tokens).
+Routing: "product" (default) is what scripts/bench_common.bench_layer gives the layer: unit-scale
+router logits, log-softmax per axis, exact product-key top-K with product gates; "uniform" draws K
+distinct experts per token. Timings are medians of CUDA-event times over preallocated out and
+workspace; accuracy is each schedule's bf16 output against float32 arithmetic (fp32 copies of the
+same bf16 tables) on the first 128 tokens, next to a PEER-style bf16 computation of the same
+routing. `--fp32-check` also runs the grid-row schedule on fp32 inputs (IEEE dots).
 
-    python3 scripts/bench_schedules.py [--configs paper_min,paper_k2048,paper_k4096,readme] [--json out.json]
+    python3 scripts/bench_schedules.py [--configs paper_min,paper_k2048,paper_k4096]
+        [--schedules token,hybrid,dense,grid] [--grid-variants "a:BM=64;b:BM=128,HSCR=1,CG=1"]
+        [--json out.json]
 """
 from __future__ import annotations
 
@@ -17,6 +22,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "scripts"))
 from bench_common import event_times_ms  # noqa: E402
 
 CONFIGS = {  # name: (d, N, K, T)
@@ -26,63 +32,139 @@ CONFIGS = {  # name: (d, N, K, T)
     "paper_k1024": (1024, 102400, 1024, 4096),
     "paper_k2048": (1024, 102400, 2048, 4096),
     "paper_k4096": (1024, 102400, 4096, 4096),
+    "tiny": (32, 1024, 40, 100),  # CPU smoke test under TRITON_INTERPRET=1 (--device cpu)
 }
+DEVICE = "cuda"
 
 
 def _events(fn, iters, warmup=2):
+    if DEVICE == "cpu":
+        fn()
+        return float("nan")
     return statistics.median(event_times_ms(fn, iters, warmup))
 
 
-def run(name, iters, schedules):
+def _routing(kind, T, N, K, dev):
+    import math
+
     import torch
 
     from omnimoe import ops
-    from omnimoe.kernels import expert_grouped_matmul_triton
-    from omnimoe.kernels.experts import expert_dense_matmul
+
+    if kind == "uniform":
+        idx = torch.rand(T, N, device=dev).topk(K, dim=1).indices.to(torch.int32)
+        return torch.rand(T, K, device=dev) / K, idx
+    s = math.isqrt(N)
+    px = torch.log_softmax(torch.randn(T, s, device=dev), -1)
+    py = torch.log_softmax(torch.randn(T, s, device=dev), -1)
+    return ops.product_key_topk_reference(px, py, K, "product")
+
+
+def _set_grid(spec):
+    from omnimoe.kernels import grid_row as gr
+
+    for item in filter(None, spec.split(",")):
+        k, v = item.split("=")
+        setattr(gr, "GR_" + k.strip().upper(), int(v))
+
+
+def run(name, iters, schedules, grid_variants, routing, fp32_check):
+    import torch
+
+    from omnimoe import ops
+    from omnimoe.kernels import experts as ke
+    from omnimoe.kernels import grid_row as gr
 
     d, N, K, T = CONFIGS[name]
     torch.manual_seed(0)
-    dev = torch.device("cuda")
+    dev = torch.device(DEVICE)
     x = torch.randn(T, d, device=dev, dtype=torch.bfloat16)
     up = (torch.randn(N, d, device=dev) * d**-0.5).to(torch.bfloat16)
     down = (torch.randn(N, d, device=dev) * d**-0.5).to(torch.bfloat16)
-    idx = torch.rand(T, N, device=dev).topk(K, dim=1).indices.to(torch.int32)
-    gates = torch.rand(T, K, device=dev) / K
-    fns = {
-        "token": lambda: expert_grouped_matmul_triton(x, up, down, gates, idx, "silu", schedule="token"),
-        "hybrid": lambda: expert_grouped_matmul_triton(x, up, down, gates, idx, "silu", schedule="hybrid"),
-        "dense": lambda: expert_dense_matmul(x, up, down, gates, idx, "silu"),
-    }
+    gates, idx = _routing(routing, T, N, K, dev)
+    res = {"name": name, "d": d, "N": N, "K": K, "T": T, "routing": routing}
+    s, P, pwr, _ = gr.panel_geometry(N)
+    rows = (idx.long() // s).sort(1).values
+    res["rows_per_token"] = float(((rows[:, 1:] != rows[:, :-1]).sum(1) + 1).float().mean())
+    res["grid_gflop"] = 4 * T * res["rows_per_token"] * s * d / 1e9
     sub = slice(0, 128)
-    y32 = ops.expert_grouped_matmul_reference(x[sub].float(), up, down, gates[sub], idx[sub], "silu")
-    res = {"name": name, "d": d, "N": N, "K": K, "T": T}
+    up32, down32 = up.float(), down.float()
+    y32 = ops.expert_grouped_matmul_reference(x[sub].float(), up32, down32, gates[sub], idx[sub], "silu")
+    out = torch.empty(T, d, device=dev, dtype=torch.bfloat16)
+
+    def check(tag, fn):
+        out.fill_(float("nan"))
+        fn()
+        y = out[sub].float()
+        res[f"{tag}_rel_err_vs_fp32"] = float((y - y32).norm() / y32.norm())
+        res[f"{tag}_all_finite"] = bool(torch.isfinite(out).all())
+        res[f"{tag}_ms"] = _events(fn, iters)
+
     for sched in schedules:
-        y = fns[sched]()
-        res[f"{sched}_rel_err_vs_fp32"] = float((y[sub].float() - y32).norm() / y32.norm())
-        res[f"{sched}_ms"] = _events(fns[sched], iters)
+        if sched == "dense":
+            check("dense", lambda: ke._dense_launch(x, up, down, gates, idx, 0, out))
+        elif sched in ("token", "hybrid", "expert"):
+            ws = torch.empty(ke.expert_workspace_bytes(T, K, N, d), device=dev, dtype=torch.uint8)
+            check(sched, lambda sc=sched: ke.expert_grouped_matmul_triton(x, up, down, gates, idx, "silu", out=out,
+                                                                           workspace=ws, schedule=sc))
+        elif sched == "grid":
+            for vname, spec in grid_variants:
+                saved = {k: getattr(gr, k) for k in dir(gr) if k.startswith("GR_")}
+                try:
+                    _set_grid(spec)
+                    ws = torch.empty(gr.workspace_bytes(T, K, N, d), device=dev, dtype=torch.uint8)
+                    try:
+                        check(f"grid_{vname}", lambda: gr.launch(x, up, down, gates, idx, out, ws, 0))
+                        res[f"grid_{vname}_sort_ms"] = _events(
+                            lambda: gr.launch(x, up, down, gates, idx, out, ws, 0, sort_only=True), iters)
+                    except Exception as e:  # noqa: BLE001 - report and go on with the next variant
+                        res[f"grid_{vname}_error"] = f"{type(e).__name__}: {e}"[:300]
+                finally:
+                    for k, v in saved.items():
+                        setattr(gr, k, v)
+    if fp32_check:
+        try:
+            outf = torch.empty(T, d, device=dev)
+            ke.expert_grouped_matmul_triton(x.float(), up32, down32, gates, idx, "silu", out=outf, schedule="grid")
+            res["grid_fp32_rel_err"] = float((outf[sub] - y32).norm() / y32.norm())
+        except Exception as e:  # noqa: BLE001
+            res["grid_fp32_error"] = f"{type(e).__name__}: {e}"[:300]
     # PEER-style bf16 arithmetic on the same routing, for the error yardstick.
     xs, e = x[sub], idx[sub].long()
     h = torch.nn.functional.silu(torch.einsum("tkd,td->tk", up[e], xs)) * gates[sub].to(xs.dtype)
     yp = torch.einsum("tk,tkd->td", h, down[e])
     res["peer_arith_rel_err_vs_fp32"] = float((yp.float() - y32).norm() / y32.norm())
     res["dense_flop_ms_at_790T"] = 4 * T * N * d / 790e12 * 1e3
+    res["grid_flop_ms_at_790T"] = res["grid_gflop"] / 790e3 * 1e3
     return res
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--configs", default="paper_min,paper_k2048,paper_k4096,readme")
-    ap.add_argument("--schedules", default="token,hybrid,dense")
+    ap.add_argument("--configs", default="paper_min,paper_k2048,paper_k4096")
+    ap.add_argument("--schedules", default="hybrid,dense,grid")
+    ap.add_argument("--grid-variants", default="default:", help="name:KEY=V,KEY=V;... (grid_row.GR_KEY)")
+    ap.add_argument("--routing", default="product", choices=("product", "uniform"))
+    ap.add_argument("--fp32-check", action="store_true")
     ap.add_argument("--iters", type=int, default=10)
     ap.add_argument("--json")
+    ap.add_argument("--device", default="cuda")
     args = ap.parse_args()
+    global DEVICE
+    DEVICE = args.device
+    variants = [tuple(v.split(":", 1)) for v in args.grid_variants.split(";") if v]
     out = []
     for name in args.configs.split(","):
-        r = run(name, args.iters, args.schedules.split(","))
+        r = run(name, args.iters, args.schedules.split(","), variants, args.routing, args.fp32_check)
         print(json.dumps(r), flush=True)
         out.append(r)
-    if args.json:
-        Path(args.json).write_text(json.dumps(out, indent=1) + "\n")
+        if args.json:
+            Path(args.json).write_text(json.dumps(out, indent=1) + "\n")
+    print()
+    for r in out:
+        ms = "  ".join(f"{k[:-3]}={r[k]:.3f}" for k in r if k.endswith("_ms"))
+        err = "  ".join(f"{k[:-len('_rel_err_vs_fp32')]}={r[k]:.2e}" for k in r if k.endswith("_rel_err_vs_fp32"))
+        print(f"{r['name']} R={r['rows_per_token']:.0f}: {ms}\n    err: {err}")
     return 0
 
 

@@ -32,6 +32,7 @@ from test_trt_build import _small_layer, _small_lm, make_plugin_graph  # noqa: E
 from deploy import build as build_mod  # noqa: E402
 from deploy.cli import main as cli_main  # noqa: E402
 from omnimoe.kernels import expert_workspace_bytes, topk_workspace_bytes  # noqa: E402
+from omnimoe.kernels.experts import pairs_workspace_bytes  # noqa: E402
 from trt_plugins import native  # noqa: E402
 from trt_plugins.native import codegen  # noqa: E402
 
@@ -102,7 +103,9 @@ def test_workspace_sizes_match_the_python_plugins(library):
         for s, K in ((8, 6), (16, 64), (16, 65), (12, 100), (1024, 4096)):
             assert lib.topk_workspace_bytes(T, s, K) == topk_workspace_bytes(T, s, K)
         for K, N, d in ((6, 64, 32), (16, 1_048_576, 1024), (512, 102_400, 1024)):
-            assert lib.experts_workspace_bytes(T, K, N, d) == expert_workspace_bytes(T, K, N, d)
+            # The native library runs the hybrid schedule only (the grid-row one is not ported yet).
+            assert lib.experts_workspace_bytes(T, K, N, d) == pairs_workspace_bytes(T, K, N, d)
+            assert expert_workspace_bytes(T, K, N, d) >= pairs_workspace_bytes(T, K, N, d)
 
 
 _STANDALONE = textwrap.dedent(

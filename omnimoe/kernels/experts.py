@@ -203,7 +203,21 @@ def _expert_tile_kernel(
 
 
 def expert_workspace_bytes(max_tokens: int, top_k: int, num_experts: int, hidden_size: int) -> int:
-    """Scratch for the expert-centric schedule (the token-centric one needs none)."""
+    """Scratch for the expert-centric schedules (the token-centric one needs none): the larger of
+    the sorted-pairs schedules' and, where `use_grid_row` may pick it for some T <= max_tokens,
+    the grid-row schedule's (both carve the same workspace from its start)."""
+    from . import grid_row
+
+    pairs = pairs_workspace_bytes(max_tokens, top_k, num_experts, hidden_size)
+    t_grid = _grid_row_max_tokens(int(max_tokens), int(top_k), int(num_experts))
+    if not t_grid:
+        return pairs
+    return max(pairs, grid_row.workspace_bytes(t_grid, top_k, num_experts, hidden_size))
+
+
+def pairs_workspace_bytes(max_tokens: int, top_k: int, num_experts: int, hidden_size: int) -> int:
+    """Scratch of the sorted-pairs schedules (expert, hybrid) alone: what the native C++ plugins,
+    which run the hybrid only, allocate."""
     from ._launch import align
 
     tk = int(max_tokens) * int(top_k)
@@ -217,8 +231,36 @@ def expert_workspace_bytes(max_tokens: int, top_k: int, num_experts: int, hidden
     )
 
 
+# Grid-row schedule (grid_row.py) for perfect-square N: "auto" runs it instead of the hybrid from
+# GRID_ROW_MIN_TOKENS tokens and EXPERT_CENTRIC_MIN_REUSE pairs per expert on (OmniMoELayer still
+# runs the dense GEMMs from DENSE_MIN_DENSITY; the TensorRT plugins have no dense). Measured on the H200
+# (scripts/bench_schedules.py, product-key routing, T=4096, d=1024, N=102400, bf16, experts only;
+# notes/grid_row.md): K=512 grid 1.86 ms vs hybrid 2.34 / dense 2.43; K=1024 grid 2.85 vs hybrid
+# 4.66 / dense 2.54; K=2048 grid 4.08 vs hybrid 9.29 / dense 2.82; K=4096 grid 5.80 vs hybrid 18.5 /
+# dense 3.42 (its cost grows with the grid rows per token, dense's does not).
+GRID_ROW_MIN_TOKENS = 256
+
+
+def _grid_row_max_tokens(max_tokens: int, K: int, N: int) -> int:
+    """The largest T <= max_tokens for which use_grid_row holds, or 0 (its conditions hold from
+    some T on, up to the schedule's int32 limit)."""
+    from . import grid_row
+
+    t = min(max_tokens, grid_row.max_tokens(K, N))
+    return t if t > 0 and use_grid_row(t, K, N) else 0
+
+
+def use_grid_row(T: int, K: int, N: int) -> bool:
+    """Grid-row schedule ("auto" of expert_grouped_matmul_triton) when N = s*s and there are enough
+    tokens and pairs per expert."""
+    from . import grid_row
+
+    return T >= GRID_ROW_MIN_TOKENS and T * K >= EXPERT_CENTRIC_MIN_REUSE * N and grid_row.supported(T, K, N)
+
+
 def use_expert_centric(T: int, K: int, N: int) -> bool:
-    """Expert-centric when each expert expects enough tokens to amortise grouping."""
+    """Expert-centric (sorted pairs, or grid rows: `use_grid_row` implies this) when each expert
+    expects enough tokens to amortise grouping."""
     return T >= EXPERT_CENTRIC_MIN_TOKENS and T * K >= EXPERT_CENTRIC_MIN_REUSE * N
 
 
@@ -284,7 +326,8 @@ def expert_grouped_matmul_triton(
 
     `schedule`: auto | token | expert (tile kernel accumulates y with fp32 atomics) | hybrid
     (tile kernel computes act(<up, x>) * gate per pair on tensor cores, then a token-centric pass
-    sums the down rows without atomics).
+    sums the down rows without atomics) | grid (grid_row.py: whole product-key grid rows times the
+    tokens that use them; N must be a perfect square).
 
     With out and workspace given: no allocation, no host sync, current stream only.
     """
@@ -300,12 +343,22 @@ def expert_grouped_matmul_triton(
         return out
     act = ACT_IDS[activation]
     if schedule == "auto":
-        schedule = EXPERT_CENTRIC_SCHEDULE if use_expert_centric(T, K, N) else "token"
+        if use_grid_row(T, K, N):
+            schedule = "grid"
+        else:
+            schedule = EXPERT_CENTRIC_SCHEDULE if use_expert_centric(T, K, N) else "token"
     if schedule == "token":
         _launch_token_centric(x, up, down, gates, indices, out, D, K, N, act, h_given=False)
         return out
+    if schedule == "grid":
+        from . import grid_row
+
+        if not grid_row.supported(T, K, N):
+            raise ops.OmniMoEInputError(f"schedule 'grid' needs a perfect-square N (and int32-sized keys), got N={N}")
+        grid_row.launch(x, up, down, gates, indices, out, workspace, act)
+        return out
     if schedule not in ("expert", "hybrid"):
-        raise ops.OmniMoEInputError(f"schedule must be auto|token|expert|hybrid, got {schedule!r}")
+        raise ops.OmniMoEInputError(f"schedule must be auto|token|expert|hybrid|grid, got {schedule!r}")
 
     tk, n1 = T * K, N + 1
     nb = triton.cdiv(n1, _SCAN_BLOCK)
@@ -350,7 +403,9 @@ def expert_grouped_matmul_triton(
 # Token chunks keep each [t, N] buffer (S and H) at most this many elements.
 _DENSE_CHUNK_ELEMENTS = 1 << 29
 # OmniMoELayer's inference takes the dense schedule from this density K/N and token count on.
-DENSE_MIN_DENSITY = 1.0 / 64
+# 1/128: dense's cost hardly depends on K, the grid-row one's grows with K (H200, N=102400, T=4096:
+# K=512 dense 2.43 ms vs grid 1.86; K=1024 dense 2.54 vs grid 2.85).
+DENSE_MIN_DENSITY = 1.0 / 128
 DENSE_MIN_TOKENS = 256
 
 

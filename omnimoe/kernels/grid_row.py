@@ -1,0 +1,377 @@
+"""Grid-row ("panel") schedule of the routed experts for product-key routing (issue 11).
+
+Expert e = i*s + j sits in row i, column j of the s x s product-key grid. A token's K experts fall
+in few grid rows (R ~ 80 / 162 / 212 of 320 rows at K = 512 / 2048 / 4096 with the benchmark's
+routing), so instead of moving one up and one down row per (token, expert) pair, or multiplying
+by every expert (dense), each row panel is multiplied as a whole by the tokens that use it:
+
+  panel p = (row i, part q): experts i*s + q*PWR .. i*s + min(s, (q+1)*PWR) - 1 (P parts per row,
+  PWR = ceil(s / P) columns each, P = 1 when s <= _MAX_CHUNKS * BC).
+  slots of p = the distinct tokens with at least one pair in p (a counting sort of the T*K pairs by
+  key p*T + t, with the slots compacted by a second scan).
+  per (panel p, block of BM slots):  S = X_slots U_p^T (tensor cores, fp32 accumulators),
+  H = act(S) o G (G = the slots' gates in p, duplicated ids add), Y[slot tokens] += H V_p (fp32
+  atomics into a [T, d] fp32 accumulator), then one cast to x's dtype.
+
+FLOPs ~ 4*T*R*s*d (vs 4*T*N*d dense) and no per-pair row traffic: pairs only carry a column and
+a gate. G is built per block in a per-program fp32 scratch tile (zeroed, gates scattered with
+atomics, read back after a barrier); S is computed one BC-chunk of the panel at a time and
+H = act(S) o G stored to a per-program H tile, which the second product reads back (fp32
+accumulators in registers for whole panels spilled on sm_90; measured slower). The main kernel is
+persistent: a fixed number of programs walks the scanned list of (panel, block) work items.
+Everything is sized from T, K, N and d.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from .experts import _SCAN_TOP_BLOCK, _act, _scan_top_kernel
+
+# Experts per tensor-core chunk of a panel, and at most this many chunks per panel (bounds the
+# per-program G / H scratch tiles). s = 320 (N = 102400): one panel of 5 chunks per row.
+GR_BC = 64
+_MAX_CHUNKS = 5
+# Slots per block (rows of S and of the atomic update), d step of each stage, warps, stages.
+GR_BM = 128
+GR_BD = 128
+GR_BD2 = 128
+GR_WARPS = 8
+GR_STAGES = 4
+# Slots per block for fp32 inputs.
+GR_FP32_BM = 64
+# Persistent programs (each owns one G scratch tile of BM x NCH*BC fp32).
+GR_PROGRAMS = 264
+# Pairs per program of the sort kernels; scan block of the key counters.
+GR_SORT_BLOCK = 1024
+GR_SCAN_BLOCK = 1024
+GR_GATE_BLOCK = 256
+_CAST_BLOCK = 4096
+
+
+def grid_side(N: int) -> int | None:
+    """s when N = s*s, else None (the schedule needs the product-key grid)."""
+    s = math.isqrt(int(N))
+    return s if s * s == int(N) and s > 0 else None
+
+
+def panel_geometry(N: int) -> tuple[int, int, int, int]:
+    """(s, P, PWR, NCH): grid side, panels per row, columns per panel, BC-chunks per panel."""
+    s = grid_side(N)
+    P = max(1, triton.cdiv(s, _MAX_CHUNKS * GR_BC))
+    pwr = triton.cdiv(s, P)
+    return s, P, pwr, triton.cdiv(pwr, GR_BC)
+
+
+def max_tokens(K: int, N: int) -> int:
+    """The most tokens whose keys (s*P*T + 1) and pairs (T*K) fit int32; 0 if N is no square."""
+    if grid_side(N) is None or K <= 0:
+        return 0
+    s, P, _, _ = panel_geometry(N)
+    return min((2**31 - 2) // (s * P), (2**31 - 1) // int(K))
+
+
+def supported(T: int, K: int, N: int) -> bool:
+    """The schedule's preconditions: a perfect-square N and int32 key / pair arithmetic."""
+    return 0 < T <= max_tokens(K, N)
+
+
+def _sizes(T, K, N, d, bm=None):
+    s, P, pwr, nch = panel_geometry(N)
+    npanels = s * P
+    nkey1 = npanels * T + 1
+    nb = triton.cdiv(nkey1, GR_SCAN_BLOCK)
+    tk = T * K
+    nslots = min(tk, npanels * T)
+    bm = bm or min(GR_BM, GR_FP32_BM)
+    work_upper = min(npanels * triton.cdiv(T, bm), triton.cdiv(nslots, bm) + npanels)
+    nprog = max(1, min(GR_PROGRAMS, work_upper))
+    return dict(s=s, P=P, pwr=pwr, nch=nch, npanels=npanels, nkey1=nkey1, nb=nb, tk=tk, nslots=nslots,
+                nprog=nprog, gw=nch * GR_BC)
+
+
+def workspace_bytes(max_tokens: int, top_k: int, num_experts: int, hidden_size: int) -> int:
+    """Scratch of the grid-row schedule (0 when N is not a perfect square)."""
+    from ._launch import align
+
+    if grid_side(num_experts) is None or max_tokens <= 0:
+        return 0
+    z = _sizes(int(max_tokens), int(top_k), int(num_experts), int(hidden_size))
+    return (
+        align(z["nkey1"] * 4) * 3  # counts, pair offsets, slot offsets
+        + align(z["nb"] * 4) * 2  # block sums of both scans
+        + align(z["tk"] * 4) * 4  # rank, sorted column, sorted gate, sorted slot
+        + align(z["nslots"] * 4) * 2  # slot token, slot's first pair
+        + align((z["npanels"] + 1) * 4)  # work-item offsets per panel
+        + align(GR_PROGRAMS * _tile_rows() * z["gw"] * 4) * 2  # G and H scratch tiles
+        + align(int(max_tokens) * int(hidden_size) * 4)  # fp32 accumulator for y
+    )
+
+
+# ----------------------------------------------------------------------------- sort by (panel, token)
+@triton.jit
+def _gr_key(e, t, S, P, PWR, T):
+    i = e // S
+    j = e - i * S
+    q = j // PWR
+    return (i * P + q) * T + t, j - q * PWR
+
+
+@triton.jit
+def _gr_histogram_kernel(idx_ptr, counts_ptr, rank_ptr, TK, K, N, S, P, PWR, T, BLOCK: tl.constexpr):
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    m = offs < TK
+    e = tl.load(idx_ptr + offs, mask=m, other=0)
+    valid = m & (e >= 0) & (e < N)
+    e = tl.where(valid, e, 0)
+    key, _ = _gr_key(e, offs // K, S, P, PWR, T)
+    r = tl.atomic_add(counts_ptr + key, 1, mask=valid, sem="relaxed")
+    tl.store(rank_ptr + offs, r, mask=m)
+
+
+@triton.jit
+def _gr_scan_blocks_kernel(counts_ptr, offsets_ptr, slotoff_ptr, bsums_ptr, bslots_ptr, N1, BLOCK: tl.constexpr):
+    """Block-local exclusive scans of the pair counts and of the non-empty flags (slots)."""
+    pid = tl.program_id(0)
+    offs = pid * BLOCK + tl.arange(0, BLOCK)
+    m = offs < N1
+    c = tl.load(counts_ptr + offs, mask=m, other=0)
+    f = (c > 0).to(tl.int32)
+    tl.store(offsets_ptr + offs, tl.cumsum(c, axis=0) - c, mask=m)
+    tl.store(slotoff_ptr + offs, tl.cumsum(f, axis=0) - f, mask=m)
+    tl.store(bsums_ptr + pid, tl.sum(c, axis=0))
+    tl.store(bslots_ptr + pid, tl.sum(f, axis=0))
+
+
+@triton.jit
+def _gr_start(off_ptr, bs_ptr, key, SCAN_BLOCK: tl.constexpr):
+    return tl.load(off_ptr + key) + tl.load(bs_ptr + key // SCAN_BLOCK)
+
+
+@triton.jit
+def _gr_scatter_kernel(idx_ptr, g_ptr, rank_ptr, offsets_ptr, slotoff_ptr, bsums_ptr, bslots_ptr,
+                       scol_ptr, sgate_ptr, sslot_ptr, slot_tok_ptr, slot_pair_ptr,
+                       TK, K, N, S, P, PWR, T, SCAN_BLOCK: tl.constexpr, BLOCK: tl.constexpr):
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    m = offs < TK
+    e = tl.load(idx_ptr + offs, mask=m, other=0)
+    m = m & (e >= 0) & (e < N)
+    e = tl.where(m, e, 0)
+    t = offs // K
+    key, col = _gr_key(e, t, S, P, PWR, T)
+    kb = key // SCAN_BLOCK
+    r = tl.load(rank_ptr + offs, mask=m, other=0)
+    pos = tl.load(offsets_ptr + key, mask=m, other=0) + tl.load(bsums_ptr + kb, mask=m, other=0) + r
+    slot = tl.load(slotoff_ptr + key, mask=m, other=0) + tl.load(bslots_ptr + kb, mask=m, other=0)
+    tl.store(scol_ptr + pos, col, mask=m)
+    tl.store(sgate_ptr + pos, tl.load(g_ptr + offs, mask=m, other=0.0), mask=m)
+    tl.store(sslot_ptr + pos, slot, mask=m)
+    first = m & (r == 0)  # the slot's first pair (rank 0 sits at the group's start)
+    tl.store(slot_tok_ptr + slot, t, mask=first)
+    tl.store(slot_pair_ptr + slot, pos, mask=first)
+
+
+@triton.jit
+def _gr_blocks_kernel(slotoff_ptr, bslots_ptr, blkoff_ptr, NP, T, BM: tl.constexpr,
+                      SCAN_BLOCK: tl.constexpr, BLOCK: tl.constexpr):
+    """One program: blkoff[p] = work items (blocks of BM slots) of the panels before p; blkoff[NP] = all."""
+    carry = tl.sum(tl.zeros([BLOCK], dtype=tl.int32), axis=0)
+    for p0 in range(0, NP, BLOCK):
+        p = p0 + tl.arange(0, BLOCK)
+        m = p < NP
+        k0 = tl.where(m, p * T, 0)
+        k1 = tl.where(m, (p + 1) * T, 0)
+        s0 = tl.load(slotoff_ptr + k0) + tl.load(bslots_ptr + k0 // SCAN_BLOCK)
+        s1 = tl.load(slotoff_ptr + k1) + tl.load(bslots_ptr + k1 // SCAN_BLOCK)
+        nb = tl.where(m, (s1 - s0 + BM - 1) // BM, 0)
+        tl.store(blkoff_ptr + p, carry + tl.cumsum(nb, axis=0) - nb, mask=m)
+        carry += tl.sum(nb, axis=0)
+    tl.store(blkoff_ptr + NP, carry)
+
+
+# ----------------------------------------------------------------------------- panel kernel
+@triton.jit
+def _gr_up_dot(xt, up_ptr, ebase, width, c: tl.constexpr, d0, D, dd, dm, acc, BC: tl.constexpr, IEEE: tl.constexpr):
+    cols = c * BC + tl.arange(0, BC)
+    cm = cols < width
+    rows = (ebase + cols).to(tl.int64) * D
+    w = tl.load(up_ptr + rows[:, None] + d0 + dd[None, :], mask=cm[:, None] & dm[None, :], other=0.0)
+    if IEEE:
+        return tl.dot(xt, tl.trans(w), acc, input_precision="ieee")
+    else:
+        return tl.dot(xt, tl.trans(w), acc)
+
+
+@triton.jit
+def _gr_h(acc, g_base, c: tl.constexpr, mm, GW: tl.constexpr, BC: tl.constexpr, ACT: tl.constexpr, HT: tl.constexpr):
+    # .cg: the gates were added at L2 by atomics; never read a stale L1 line of an earlier block.
+    g = tl.load(g_base + mm[:, None] * GW + c * BC + tl.arange(0, BC)[None, :], cache_modifier=".cg")
+    return (_act(acc, ACT) * g).to(HT)
+
+
+@triton.jit
+def _gr_down_dot(h, down_ptr, ebase, width, c: tl.constexpr, d0, D, dd, dm, acc, BC: tl.constexpr, IEEE: tl.constexpr):
+    cols = c * BC + tl.arange(0, BC)
+    cm = cols < width
+    rows = (ebase + cols).to(tl.int64) * D
+    v = tl.load(down_ptr + rows[:, None] + d0 + dd[None, :], mask=cm[:, None] & dm[None, :], other=0.0)
+    if IEEE:
+        return tl.dot(h, v, acc, input_precision="ieee")
+    else:
+        return tl.dot(h, v, acc)
+
+
+@triton.jit
+def _gr_panel_kernel(
+    x_ptr, up_ptr, down_ptr, scol_ptr, sgate_ptr, sslot_ptr, slot_tok_ptr, slot_pair_ptr,
+    offsets_ptr, slotoff_ptr, bsums_ptr, bslots_ptr, blkoff_ptr, gscr_ptr, hscr_ptr, y_ptr,
+    D, S, P, PWR, NP, NKEY, T, NSTEPS,
+    ACT: tl.constexpr, BM: tl.constexpr, BC: tl.constexpr, NCH: tl.constexpr, BD: tl.constexpr,
+    BD2: tl.constexpr, GBLK: tl.constexpr, SCAN_BLOCK: tl.constexpr, IEEE: tl.constexpr,
+):
+    GW: tl.constexpr = NCH * BC
+    pid = tl.program_id(0)
+    nprog = tl.num_programs(0)
+    HT: tl.constexpr = tl.float32 if IEEE else x_ptr.dtype.element_ty
+    n_work = tl.load(blkoff_ptr + NP)
+    n_slots = _gr_start(slotoff_ptr, bslots_ptr, NKEY, SCAN_BLOCK)
+    n_pairs = _gr_start(offsets_ptr, bsums_ptr, NKEY, SCAN_BLOCK)
+    g_base = gscr_ptr + pid.to(tl.int64) * (BM * GW)
+    h_base = hscr_ptr.to(tl.pointer_type(HT)) + pid.to(tl.int64) * (BM * GW)
+    mm = tl.arange(0, BM)
+    bc = tl.arange(0, BC)
+    dd = tl.arange(0, BD)
+    dd2 = tl.arange(0, BD2)
+    gg = tl.arange(0, GBLK)
+    for w in range(pid, n_work, nprog):
+        # The panel of work item w: the last p with blkoff[p] <= w (binary search, NSTEPS steps).
+        lo = w * 0
+        hi = lo + NP
+        for _ in range(NSTEPS):
+            mid = (lo + hi) // 2
+            le = tl.load(blkoff_ptr + mid) <= w
+            lo = tl.where(le, mid, lo)
+            hi = tl.where(le, hi, mid)
+        p = lo
+        b = w - tl.load(blkoff_ptr + p)
+        slot0 = _gr_start(slotoff_ptr, bslots_ptr, p * T, SCAN_BLOCK) + b * BM
+        slot1 = tl.minimum(slot0 + BM, _gr_start(slotoff_ptr, bslots_ptr, (p + 1) * T, SCAN_BLOCK))
+        rm = (slot0 + mm) < slot1
+        tok = tl.load(slot_tok_ptr + slot0 + mm, mask=rm, other=0).to(tl.int64)
+        pa = tl.load(slot_pair_ptr + slot0)
+        pb = tl.load(slot_pair_ptr + slot1, mask=slot1 < n_slots, other=0)
+        pb = tl.where(slot1 < n_slots, pb, n_pairs)
+        # G tile: zero it, add the block's gates at (slot, column), then read it back per chunk.
+        tl.debug_barrier()
+        for c in tl.static_range(NCH):
+            tl.store(g_base + mm[:, None] * GW + c * BC + bc[None, :], tl.zeros([BM, BC], dtype=tl.float32))
+        tl.debug_barrier()
+        for q0 in range(pa, pb, GBLK):
+            qm = (q0 + gg) < pb
+            sl = tl.load(sslot_ptr + q0 + gg, mask=qm, other=0) - slot0
+            col = tl.load(scol_ptr + q0 + gg, mask=qm, other=0)
+            gv = tl.load(sgate_ptr + q0 + gg, mask=qm, other=0.0)
+            tl.atomic_add(g_base + sl * GW + col, gv, mask=qm, sem="relaxed")
+        tl.debug_barrier()
+        prow = p // P
+        pq = p - prow * P
+        ebase = prow * S + pq * PWR
+        width = tl.minimum(PWR, S - pq * PWR)
+        xrow = tok * D
+        # One BC-chunk of S at a time (plain GEMM loops, X re-read per chunk); H = act(S) o G
+        # goes to this program's H tile, which the second product reads back chunk by chunk.
+        for c in range(0, NCH):
+            acc = tl.zeros([BM, BC], dtype=tl.float32)
+            for d0 in range(0, D, BD):
+                dm = (d0 + dd) < D
+                xt = tl.load(x_ptr + xrow[:, None] + d0 + dd[None, :], mask=rm[:, None] & dm[None, :], other=0.0)
+                acc = _gr_up_dot(xt, up_ptr, ebase + c * BC, width - c * BC, 0, d0, D, dd, dm, acc, BC, IEEE)
+            tl.store(h_base + mm[:, None] * GW + c * BC + bc[None, :],
+                     _gr_h(acc, g_base + c * BC, 0, mm, GW, BC, ACT, HT))
+        tl.debug_barrier()
+        for d0 in range(0, D, BD2):
+            dm = (d0 + dd2) < D
+            o = tl.zeros([BM, BD2], dtype=tl.float32)
+            for c in range(0, NCH):
+                h = tl.load(h_base + mm[:, None] * GW + c * BC + bc[None, :])
+                o = _gr_down_dot(h, down_ptr, ebase + c * BC, width - c * BC, 0, d0, D, dd2, dm, o, BC, IEEE)
+            tl.atomic_add(y_ptr + xrow[:, None] + d0 + dd2[None, :], o, mask=rm[:, None] & dm[None, :], sem="relaxed")
+
+
+@triton.jit
+def _gr_cast_kernel(src_ptr, dst_ptr, n, BLOCK: tl.constexpr):
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    m = offs < n
+    tl.store(dst_ptr + offs, tl.load(src_ptr + offs, mask=m, other=0.0).to(dst_ptr.dtype.element_ty), mask=m)
+
+
+def panel_config(N: int, fp32: bool, act: int) -> dict:
+    """Constexprs + num_warps (+ num_stages) of `_gr_panel_kernel` (one place; native plugins too).
+    fp32 inputs (IEEE dots, no tensor cores: the exact path, not the fast one) use small tiles
+    without software pipelining so that they fit in shared memory."""
+    _, _, _, nch = panel_geometry(N)
+    if fp32:
+        return dict(ACT=act, BM=GR_FP32_BM, BC=GR_BC, NCH=nch, BD=32, BD2=64, GBLK=GR_GATE_BLOCK,
+                    SCAN_BLOCK=GR_SCAN_BLOCK, IEEE=True, num_warps=8, num_stages=1)
+    return dict(ACT=act, BM=GR_BM, BC=GR_BC, NCH=nch, BD=GR_BD, BD2=GR_BD2, GBLK=GR_GATE_BLOCK,
+                SCAN_BLOCK=GR_SCAN_BLOCK, IEEE=False, num_warps=GR_WARPS,
+                num_stages=GR_STAGES)
+
+
+def _tile_rows() -> int:
+    """Rows of the per-program G / H scratch tiles (the larger BM of the two configs)."""
+    return max(GR_BM, GR_FP32_BM)
+
+
+def launch(x, up, down, gates, indices, out, workspace, act: int, *, sort_only: bool = False) -> None:
+    """Run the grid-row schedule (checked inputs: contiguous, T > 0, `supported(T, K, N)`).
+    `sort_only` (benchmarks): stop after the counting sort and work list."""
+    from ._launch import Carver
+
+    T, D = x.shape
+    N, K = up.shape[0], gates.shape[1]
+    fp32 = x.dtype == torch.float32
+    cfg = panel_config(N, fp32, act)
+    z = _sizes(T, K, N, D, cfg["BM"])
+    s, P, pwr, npanels, nkey1, nb, tk = z["s"], z["P"], z["pwr"], z["npanels"], z["nkey1"], z["nb"], z["tk"]
+    carver = Carver(workspace, workspace_bytes(T, K, N, D), x.device)
+    counts = carver.take(nkey1, torch.int32)
+    offsets = carver.take(nkey1, torch.int32)
+    slotoff = carver.take(nkey1, torch.int32)
+    bsums = carver.take(nb, torch.int32)
+    bslots = carver.take(nb, torch.int32)
+    rank = carver.take(tk, torch.int32)
+    scol = carver.take(tk, torch.int32)
+    sgate = carver.take(tk, torch.float32)
+    sslot = carver.take(tk, torch.int32)
+    slot_tok = carver.take(z["nslots"], torch.int32)
+    slot_pair = carver.take(z["nslots"], torch.int32)
+    blkoff = carver.take(npanels + 1, torch.int32)
+    gscr = carver.take(GR_PROGRAMS * _tile_rows() * z["gw"], torch.float32)
+    hscr = carver.take(GR_PROGRAMS * _tile_rows() * z["gw"], torch.float32)
+    y32 = out if fp32 else carver.take(T * D, torch.float32).view(T, D)
+    counts.zero_()
+    y32.zero_()
+    sort_grid = (triton.cdiv(tk, GR_SORT_BLOCK),)
+    _gr_histogram_kernel[sort_grid](indices, counts, rank, tk, K, N, s, P, pwr, T, BLOCK=GR_SORT_BLOCK)
+    _gr_scan_blocks_kernel[(nb,)](counts, offsets, slotoff, bsums, bslots, nkey1, BLOCK=GR_SCAN_BLOCK)
+    _scan_top_kernel[(1,)](bsums, nb, BLOCK=_SCAN_TOP_BLOCK)
+    _scan_top_kernel[(1,)](bslots, nb, BLOCK=_SCAN_TOP_BLOCK)
+    _gr_scatter_kernel[sort_grid](indices, gates, rank, offsets, slotoff, bsums, bslots, scol, sgate, sslot,
+                                  slot_tok, slot_pair, tk, K, N, s, P, pwr, T,
+                                  SCAN_BLOCK=GR_SCAN_BLOCK, BLOCK=GR_SORT_BLOCK)
+    _gr_blocks_kernel[(1,)](slotoff, bslots, blkoff, npanels, T, BM=cfg["BM"], SCAN_BLOCK=GR_SCAN_BLOCK,
+                            BLOCK=1024)
+    if sort_only:
+        return
+    nsteps = max(1, npanels.bit_length())
+    _gr_panel_kernel[(z["nprog"],)](
+        x, up, down, scol, sgate, sslot, slot_tok, slot_pair, offsets, slotoff, bsums, bslots, blkoff, gscr, hscr, y32,
+        D, s, P, pwr, npanels, nkey1 - 1, T, nsteps, **cfg,
+    )
+    if not fp32:
+        n = T * D
+        _gr_cast_kernel[(triton.cdiv(n, _CAST_BLOCK),)](y32, out, n, BLOCK=_CAST_BLOCK, num_warps=4)

@@ -1,0 +1,358 @@
+"""Grid-row ("panel") expert schedule (omnimoe/kernels/grid_row.py) vs the reference op.
+
+CPU: the cases run under TRITON_INTERPRET=1 in one subprocess (as tests/test_kernels.py does), in
+fp32 and fp16 (the interpreter's bf16 arithmetic is not faithful), with the tile constants shrunk
+so that tiny shapes still cover several panels per grid row, several chunks per panel, several
+blocks per panel with a ragged last block, and persistent programs that each run several work
+items (their G / H scratch tiles reused). Ids include duplicates (they add) and out-of-range
+values (they contribute nothing). `test_mutations` shows the checks fail on a wrong kernel.
+GPU (`-m gpu`): real sizes, bf16 vs PEER-style arithmetic, fp32, graph capture, no allocation.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from omnimoe import ops  # noqa: E402
+from omnimoe.errors import OmniMoEInputError  # noqa: E402
+
+
+def rel_err(y, yr):
+    return float((y.double() - yr.double()).norm() / yr.double().norm().clamp_min(1e-30))
+
+
+def _inputs(T, d, N, K, seed, dtype=torch.float32, device="cpu", bad_ids=True):
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(T, d, generator=gen)
+    up = torch.randn(N, d, generator=gen) * d**-0.5
+    down = torch.randn(N, d, generator=gen) * d**-0.5
+    g = torch.rand(T, K, generator=gen)
+    idx = torch.randint(0, N, (T, K), generator=gen)
+    if bad_ids and K >= 3 and T >= 3:
+        idx[:, 1] = idx[:, 0]  # duplicates in every token: their terms add
+        idx[0, 2] = N  # out of range: nothing
+        idx[T - 1, 2] = -7
+    idx = idx.to(torch.int32)
+    cast = lambda t: t.to(dtype).to(device)  # noqa: E731
+    return cast(x), cast(up), cast(down), g.to(device), idx.to(device)
+
+
+def _reference(x, up, down, g, idx, act):
+    N = up.shape[0]
+    ok = (idx >= 0) & (idx < N)
+    return ops.expert_grouped_matmul_reference(x.float(), up.float(), down.float(), g * ok, torch.where(ok, idx, 0), act)
+
+
+@contextlib.contextmanager
+def _consts(**kw):
+    from omnimoe.kernels import grid_row as gr
+
+    saved = {k: getattr(gr, k) for k in kw}
+    for k, v in kw.items():
+        setattr(gr, k, v)
+    try:
+        yield gr
+    finally:
+        for k, v in saved.items():
+            setattr(gr, k, v)
+
+
+# Small tiles for the interpreter: BC=16 experts per chunk, at most 2 chunks (32 columns) per panel.
+SMALL = dict(GR_BC=16, _MAX_CHUNKS=2, GR_BM=16, GR_FP32_BM=16, GR_PROGRAMS=3, GR_GATE_BLOCK=32, GR_SORT_BLOCK=64,
+             GR_SCAN_BLOCK=64)
+
+
+def _grid_case(T, d, N, K, act="silu", dtype=torch.float32, prealloc=True, seed=0, consts=SMALL, auto=False):
+    from omnimoe.kernels import expert_workspace_bytes
+    from omnimoe.kernels.experts import expert_grouped_matmul_triton
+
+    with _consts(**consts) as gr:
+        x, up, down, g, idx = _inputs(T, d, N, K, seed, dtype)
+        kw = {}
+        if prealloc:
+            # "auto" sizes from expert_workspace_bytes; an explicit "grid" needs the schedule's own size.
+            need = expert_workspace_bytes(T, K, N, d) if auto else gr.workspace_bytes(T, K, N, d)
+            kw = dict(out=torch.full((T, d), float("nan"), dtype=dtype),
+                      workspace=torch.full((need,), 255, dtype=torch.uint8))
+        if auto:
+            from omnimoe.kernels.experts import use_grid_row
+
+            assert use_grid_row(T, K, N)
+        y = expert_grouped_matmul_triton(x, up, down, g, idx, act, schedule="auto" if auto else "grid", **kw)
+        if prealloc:
+            assert y.data_ptr() == kw["out"].data_ptr()
+        yr = _reference(x, up, down, g, idx, act)
+        tol = 1e-5 if dtype == torch.float32 else 2e-3
+        assert torch.isfinite(y).all() and rel_err(y, yr) <= tol, rel_err(y, yr)
+        return gr.panel_geometry(N)
+
+
+def _geometry_case():
+    with _consts(**SMALL) as gr:
+        assert gr.panel_geometry(81 * 81) == (81, 3, 27, 2)  # 3 panels of 27 columns, 2 chunks each
+        assert gr.panel_geometry(30 * 30) == (30, 1, 30, 2)
+        assert gr.grid_side(80) is None and not gr.supported(10, 3, 80) and gr.workspace_bytes(10, 3, 80, 8) == 0
+    from omnimoe.kernels import grid_row as gr
+
+    assert gr.panel_geometry(102400) == (320, 1, 320, 5)  # the paper configs: one panel per grid row
+    assert gr.panel_geometry(1 << 20) == (1024, 4, 256, 4)
+
+
+def _bad_inputs_case():
+    from omnimoe.kernels.experts import expert_grouped_matmul_triton
+
+    x, up, down, g, idx = _inputs(4, 8, 12, 3, 0)
+    with pytest.raises(OmniMoEInputError):  # N = 12 is no square: no product-key grid
+        expert_grouped_matmul_triton(x, up, down, g, idx, "silu", schedule="grid")
+    with pytest.raises(OmniMoEInputError):
+        expert_grouped_matmul_triton(x, up, down, g, idx, "silu", schedule="rows")
+    x, up, down, g, idx = _inputs(4, 8, 16, 3, 0)
+    with pytest.raises(OmniMoEInputError):  # too small a workspace
+        expert_grouped_matmul_triton(x, up, down, g, idx, "silu", schedule="grid", workspace=torch.empty(64, dtype=torch.uint8))
+
+
+INTERP_CASES = {
+    "geometry": _geometry_case,
+    "bad_inputs": _bad_inputs_case,
+    # 81x81 grid: 3 panels per row, 2 chunks per panel (the last one ragged), T = 37: ragged blocks.
+    "panels_chunks_fp32": lambda: _grid_case(37, 24, 81 * 81, 40),
+    "panels_chunks_one_program": lambda: _grid_case(37, 24, 81 * 81, 40, consts=dict(SMALL, GR_PROGRAMS=1), seed=1),
+    "panels_chunks_fp16": lambda: _grid_case(37, 24, 81 * 81, 40, dtype=torch.float16, seed=2),
+    "one_panel_per_row_fp16": lambda: _grid_case(37, 24, 30 * 30, 40, dtype=torch.float16, seed=3),
+    # Dense routing in few rows: many slots per panel (several blocks each), d not a tile multiple.
+    "dense_rows_gelu": lambda: _grid_case(50, 20, 100, 60, act="gelu", seed=4),
+    "dense_rows_relu": lambda: _grid_case(50, 20, 100, 60, act="relu", seed=5),
+    "gelu_tanh_k1": lambda: _grid_case(19, 16, 49, 1, act="gelu_tanh", seed=6),
+    "k_eq_n": lambda: _grid_case(9, 16, 16, 16, seed=7),
+    "t1_no_prealloc": lambda: _grid_case(1, 16, 36, 5, prealloc=False, seed=8),
+    # The shipped tile sizes (one chunk of 64 at this N), as "auto" picks them.
+    "default_tiles_auto": lambda: _grid_case(260, 32, 400, 40, consts={"GR_PROGRAMS": 2}, auto=True, seed=9),
+}
+
+
+def test_schedule_choice():
+    """Boundaries of `use_grid_row` / `use_dense` (what "auto" and OmniMoELayer run)."""
+    from omnimoe.kernels import experts as ke
+
+    for K in (512, 1024, 2048, 4096):  # paper configs: the op's auto runs grid rows, never the hybrid
+        assert ke.use_grid_row(4096, K, 102400) and ke.use_expert_centric(4096, K, 102400)
+    # The layer: grid rows at K=512 (measured faster than dense and hybrid), dense GEMMs from K/N = 1/128.
+    assert not ke.use_dense(4096, 512, 102400) and ke.use_dense(4096, 800, 102400) and not ke.use_dense(4096, 799, 102400)
+    assert ke.use_dense(4096, 2048, 102400) and ke.use_dense(4096, 4096, 102400)
+    assert ke.use_grid_row(256, 8000, 102400) and not ke.use_grid_row(255, 8000, 102400)  # token floor
+    assert ke.use_grid_row(4096, 500, 102400) and not ke.use_grid_row(4096, 499, 102400)  # 20 pairs per expert
+    assert not ke.use_grid_row(4096, 16, 4096)  # readme: token-centric
+    assert not ke.use_grid_row(4096, 16, 1 << 20) and not ke.use_grid_row(64, 4096, 102400)
+    assert not ke.use_grid_row(4096, 600, 102399)  # no square grid: the sorted-pairs schedules
+    assert ke.use_expert_centric(4096, 600, 102399) and not ke.use_grid_row(4096, 600, 102399)
+    # Workspace: covers grid rows wherever auto may pick them for some T <= max_tokens.
+    from omnimoe.kernels import grid_row as gr
+
+    assert ke.expert_workspace_bytes(4096, 512, 102400, 1024) >= gr.workspace_bytes(4096, 512, 102400, 1024)
+    assert ke.expert_workspace_bytes(300, 8000, 102400, 64) >= gr.workspace_bytes(300, 8000, 102400, 64)
+    assert ke.expert_workspace_bytes(255, 8000, 102400, 64) < gr.workspace_bytes(255, 8000, 102400, 64)
+
+
+def _run_cases(cases):
+    results = {}
+    for name, fn in cases.items():
+        try:
+            fn()
+            results[name] = "ok"
+        except Exception as e:  # reported per case by test_interpreter
+            results[name] = f"{type(e).__name__}: {e}"[:2000]
+    return results
+
+
+def _interpret(extra_args=()):
+    env = dict(os.environ, TRITON_INTERPRET="1", CUDA_VISIBLE_DEVICES="", TRITON_DEFAULT_FP_FUSION="1",
+               PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
+    p = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--interpret", *extra_args], env=env, cwd=ROOT,
+                       capture_output=True, text=True, timeout=900)
+    lines = [l for l in p.stdout.splitlines() if l.startswith("RESULTS ")]
+    assert p.returncode == 0 and lines, f"interpreter subprocess failed:\n{p.stdout[-3000:]}\n{p.stderr[-3000:]}"
+    return json.loads(lines[-1][len("RESULTS "):])
+
+
+@pytest.fixture(scope="module")
+def interp_results():
+    return _interpret()
+
+
+@pytest.mark.parametrize("case", list(INTERP_CASES))
+def test_interpreter(case, interp_results):
+    assert interp_results[case] == "ok", interp_results[case]
+
+
+# Each mutation breaks one piece of the schedule; the listed cases must then fail.
+MUTATIONS = {
+    "duplicates_overwrite": "panels_chunks_fp32",  # gates stored instead of added
+    "skip_last_block": "dense_rows_gelu",  # last (ragged) block of each panel dropped
+    "drop_last_chunk": "panels_chunks_fp32",  # the second chunk of every panel ignored
+    "keep_out_of_range": "panels_chunks_fp32",  # out-of-range ids clamped into the grid
+}
+
+
+def test_mutations():
+    res = _interpret(["--mutations"])
+    for mutation, case in MUTATIONS.items():
+        assert res[mutation] != "ok", f"{mutation}: {case} still passes with a broken kernel"
+
+
+def _mutated(name):
+    """Replace one launch with a broken equivalent (CPU interpreter only)."""
+    import triton
+    import triton.language as tl
+
+    from omnimoe.kernels import grid_row as gr
+
+    if name == "duplicates_overwrite":
+        src = _src(gr, "_gr_panel_kernel").replace(
+            'tl.atomic_add(g_base + sl * GW + col, gv, mask=qm, sem="relaxed")', "tl.store(g_base + sl * GW + col, gv, mask=qm)")
+        return _rejit(gr, "_gr_panel_kernel", src)
+    if name == "skip_last_block":
+        return _rejit(gr, "_gr_blocks_kernel", _src(gr, "_gr_blocks_kernel").replace("(s1 - s0 + BM - 1) // BM", "(s1 - s0) // BM"))
+    if name == "drop_last_chunk":
+        orig = gr.panel_config
+        gr.panel_config = lambda N, fp32, act: dict(orig(N, fp32, act), NCH=max(1, orig(N, fp32, act)["NCH"] - 1))
+        return None
+    if name == "keep_out_of_range":
+        src = _src(gr, "_gr_histogram_kernel").replace("valid = m & (e >= 0) & (e < N)", "valid = m")
+        src = src.replace("e = tl.where(valid, e, 0)", "e = tl.minimum(tl.maximum(e, 0), N - 1)")
+        _rejit(gr, "_gr_histogram_kernel", src)
+        src = _src(gr, "_gr_scatter_kernel").replace("m = m & (e >= 0) & (e < N)\n    e = tl.where(m, e, 0)",
+                                                "e = tl.minimum(tl.maximum(e, 0), N - 1)")
+        return _rejit(gr, "_gr_scatter_kernel", src)
+    raise KeyError(name)
+    del triton, tl
+
+
+def _src(module, name):
+    text = Path(module.__file__).read_text()
+    start = text.index(f"\ndef {name}(") + 1
+    ends = [i for i in (text.find("\n@", start), text.find("\ndef ", start)) if i > 0]
+    return text[start:min(ends)]
+
+
+def _rejit(module, name, src):
+    import textwrap
+
+    import triton
+
+    ns = dict(vars(module))
+    src = textwrap.dedent(src)
+    assert src.startswith("def ")
+    exec(compile(src, f"<mutated {name}>", "exec"), ns)  # noqa: S102 - test-only source rewrite
+    setattr(module, name, triton.jit(ns[name]))
+
+
+# ----------------------------------------------------------------------------------------- GPU
+gpu = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
+
+
+def _product_routing(T, s, K, seed):
+    gen = torch.Generator().manual_seed(seed)
+    px = torch.log_softmax(torch.randn(T, s, generator=gen), -1).cuda()
+    py = torch.log_softmax(torch.randn(T, s, generator=gen), -1).cuda()
+    return ops.product_key_topk_reference(px, py, K, "product")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("T,d,N,K", [(1000, 256, 102400, 512), (333, 200, 4096, 100), (300, 128, 1 << 20, 300),
+                                     (257, 96, 81 * 81, 1000)])
+def test_gpu_grid_bf16_and_fp32(T, d, N, K):
+    from omnimoe.kernels import expert_workspace_bytes
+    from omnimoe.kernels import grid_row as gr
+    from omnimoe.kernels.experts import expert_grouped_matmul_triton
+
+    s = int(N**0.5)
+    gates, idx = _product_routing(T, s, K, 0)
+    gen = torch.Generator(device="cuda").manual_seed(1)
+    x = torch.randn(T, d, device="cuda", generator=gen)
+    up = torch.randn(N, d, device="cuda", generator=gen) * d**-0.5
+    down = torch.randn(N, d, device="cuda", generator=gen) * d**-0.5
+    idx[:, 1] = idx[:, 0]  # duplicates add
+    idx[0, 2], idx[-1, 3] = N, -1  # out of range: nothing
+    for dtype, tol in ((torch.bfloat16, None), (torch.float32, 1e-5)):
+        xx, uu, dd_ = x.to(dtype), up.to(dtype), down.to(dtype)
+        # An explicit "grid" needs the schedule's own workspace ("auto" may not pick it at this T*K).
+        need = max(expert_workspace_bytes(T, K, N, d), gr.workspace_bytes(T, K, N, d))
+        ws = torch.full((need,), 255, device="cuda", dtype=torch.uint8)
+        out = torch.full((T, d), float("nan"), device="cuda", dtype=dtype)
+        expert_grouped_matmul_triton(xx, uu, dd_, gates, idx, "silu", out=out, workspace=ws, schedule="grid")
+        yr = _reference(xx, uu, dd_, gates, idx, "silu")
+        err = rel_err(out, yr)
+        if tol is None:
+            # PEER-style bf16 arithmetic on the same routing is the yardstick.
+            ok = (idx >= 0) & (idx < N)
+            e = torch.where(ok, idx, 0).long()
+            h = torch.nn.functional.silu(torch.einsum("tkd,td->tk", uu[e], xx)) * (gates * ok).to(dtype)
+            yp = torch.einsum("tk,tkd->td", h, dd_[e])
+            tol = rel_err(yp, yr) * 1.05
+        assert torch.isfinite(out).all() and err <= tol, (dtype, err, tol)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_gpu_grid_graph_capture_no_alloc():
+    from omnimoe.kernels import expert_workspace_bytes
+    from omnimoe.kernels.experts import expert_grouped_matmul_triton
+
+    T, d, N, K = 700, 256, 102400, 4096  # "auto" picks grid rows here, so expert_workspace_bytes covers it
+    gates, idx = _product_routing(T, 320, K, 3)
+    x = torch.randn(T, d, device="cuda", dtype=torch.bfloat16)
+    up = (torch.randn(N, d, device="cuda") * d**-0.5).to(torch.bfloat16)
+    down = (torch.randn(N, d, device="cuda") * d**-0.5).to(torch.bfloat16)
+    ws = torch.empty(expert_workspace_bytes(T, K, N, d), device="cuda", dtype=torch.uint8)
+    out = torch.empty(T, d, device="cuda", dtype=torch.bfloat16)
+    from omnimoe.kernels.experts import use_grid_row
+
+    assert use_grid_row(T, K, N)
+    run = lambda: expert_grouped_matmul_triton(x, up, down, gates, idx, "silu", out=out, workspace=ws)  # noqa: E731
+    run()
+    ref = out.clone()
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_stats()["allocation.all.allocated"]
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        run()
+    torch.cuda.current_stream().wait_stream(s)
+    torch.cuda.synchronize()
+    assert torch.cuda.memory_stats()["allocation.all.allocated"] == before
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        run()
+    out.zero_()
+    graph.replay()
+    torch.cuda.synchronize()
+    assert rel_err(out, ref) <= 4e-3  # fp32 atomics: the order may differ, then a bf16 rounding
+
+
+if __name__ == "__main__" and "--interpret" in sys.argv:
+    if "--mutations" in sys.argv:
+        results = {}
+        for mutation, case in MUTATIONS.items():
+            import importlib
+
+            import omnimoe.kernels.grid_row as _gr
+
+            importlib.reload(_gr)
+            _mutated(mutation)
+            results[mutation] = _run_cases({case: INTERP_CASES[case]})[case]
+        importlib.reload(_gr)
+    else:
+        results = _run_cases(INTERP_CASES)
+    print("RESULTS " + json.dumps(results), flush=True)
