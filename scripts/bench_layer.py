@@ -142,7 +142,8 @@ def worker(name: str, iters: int, first_call_only: bool = False) -> dict:
     from omnimoe import ops
     from omnimoe.baselines import dense_mlp_forward, peer_forward
     from omnimoe.kernels import expert_grouped_matmul_triton, use_expert_centric
-    from omnimoe.kernels.experts import EXPERT_CENTRIC_SCHEDULE, expert_dense_matmul, use_dense
+    from omnimoe.kernels import grid_row
+    from omnimoe.kernels.experts import EXPERT_CENTRIC_SCHEDULE, expert_dense_matmul, use_dense, use_grid_row
 
     d, inter, n, k, t = CONFIGS[name]
     torch.manual_seed(0)
@@ -151,7 +152,14 @@ def worker(name: str, iters: int, first_call_only: bool = False) -> dict:
     torch.backends.cudnn.allow_tf32 = False
     layer, x = bench_layer(d, inter, n, k, t)
     # The schedule the layer's inference path runs (OmniMoELayer._forward_launch).
-    schedule = "dense" if use_dense(t, k, n) else (EXPERT_CENTRIC_SCHEDULE if use_expert_centric(t, k, n) else "token")
+    if use_dense(t, k, n):
+        schedule = "dense"
+    elif use_expert_centric(t, k, n):
+        schedule = "grid" if use_grid_row(t, k, n) else EXPERT_CENTRIC_SCHEDULE
+    else:
+        schedule = "token"
+    # Schedules timed and checked one by one (the grid rows need a square N and enough tokens).
+    schedules = ("token", "expert", "hybrid") + (("grid",) if t >= 256 and grid_row.supported(t, k, n) else ())
     res = {"name": name, "d": d, "I": inter, "N": n, "K": k, "T": t, "schedule": schedule}
     with torch.inference_mode():
         t0 = time.perf_counter()
@@ -223,7 +231,7 @@ def worker(name: str, iters: int, first_call_only: bool = False) -> dict:
         x32 = x[sub].float().contiguous()
         gs, is_ = g_tri[sub].contiguous(), i_tri[sub].contiguous()
         y32_ref = ops.expert_grouped_matmul_reference(x32, up32, down32, gs, is_, "silu")
-        for sched in ("token", "expert", "hybrid"):
+        for sched in schedules:
             y32 = expert_grouped_matmul_triton(x32, up32, down32, gs, is_, "silu", schedule=sched)
             res[f"rel_err_fp32_{sched}"] = float((y32 - y32_ref).norm() / y32_ref.norm())
         y32 = _guard(lambda: expert_dense_matmul(x32, up32, down32, gs, is_, "silu"))
@@ -235,7 +243,7 @@ def worker(name: str, iters: int, first_call_only: bool = False) -> dict:
         up, down = layer.up_embed.weight, layer.down_embed.weight
         res["experts_only"] = {
             sched: _time(lambda: expert_grouped_matmul_triton(x, up, down, g_tri, i_tri, "silu", schedule=sched), iters)
-            for sched in ("token", "expert", "hybrid")
+            for sched in schedules
         }
         res["experts_only"]["dense"] = _guard(lambda: _time(
             lambda: expert_dense_matmul(x, up, down, g_tri, i_tri, "silu"), iters, warmup=1, adaptive=True))
@@ -359,7 +367,7 @@ def table(results: list[dict]) -> str:
         tgt = f"{TARGETS_MS.get(name, '-')} / {TARGETS_EAGER_MS.get(name, '-')}"
         misses = _misses(r)
         met = "-" if name not in TARGETS_MS and name not in TARGETS_EAGER_MS else ("yes" if not misses else "no: " + ", ".join(misses))
-        fp32 = max(r.get(f"rel_err_fp32_{k}", float("nan")) for k in ("token", "expert", "hybrid", "dense"))
+        fp32 = max(r.get(f"rel_err_fp32_{k}", float("nan")) for k in ("token", "expert", "hybrid", "grid", "dense"))
         lines.append(
             f"| {name} | {r['T']} | {r['N']} | {r['K']} | {_fmt(r, 'dense')} | {_fmt(r, 'peer')} | {_fmt(r, 'reference')} "
             f"| {_fmt(r, 'triton')} | {_fmt(r, 'triton_graph')} | {r['roofline_ms']:.3f} | {_fmt(r, 'ort_cuda')} "

@@ -139,6 +139,22 @@ def run(name, iters, schedules, grid_variants, routing, fp32_check):
     return res
 
 
+def _meta(args) -> dict:
+    """What a committed result needs beside its numbers: GPU, versions, date, the command."""
+    import datetime
+    import platform
+
+    import torch
+    import triton
+
+    return {
+        "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
+        "torch": torch.__version__, "triton": triton.__version__, "python": platform.python_version(),
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "command": " ".join(["python3"] + sys.argv),
+    }
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--configs", default="paper_min,paper_k2048,paper_k4096")
@@ -159,7 +175,7 @@ def main() -> int:
         print(json.dumps(r), flush=True)
         out.append(r)
         if args.json:
-            Path(args.json).write_text(json.dumps(out, indent=1) + "\n")
+            Path(args.json).write_text(json.dumps({"meta": _meta(args), "results": out}, indent=1) + "\n")
     print()
     for r in out:
         ms = "  ".join(f"{k[:-3]}={r[k]:.3f}" for k in r if k.endswith("_ms"))
