@@ -1,11 +1,14 @@
 """The native plugin library on CPU (issue 10): it compiles from a clean clone, and engines build
 with it in a process that holds nothing but TensorRT-RTX and the `.so`.
 
-What the GPU runs (launches, enqueue, CUDA graphs, SM fallback) is in test_native_plugins_gpu.py.
+What the GPU runs (launches, enqueue, CUDA graphs, SM fallback) is in test_native_plugins_gpu.py;
+here the experts' schedule choice, workspace size and launch sequences (memsets, kernels, grids,
+arguments; a logging stand-in for libcuda) are compared with the Python launchers'.
 """
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -97,15 +100,77 @@ def test_library_has_no_python_torch_or_triton_dependency(library):
     assert all(size > 10_000 for size in info["kernel_bytes"].values())
 
 
+# (K, N, d) of the experts' workspace and schedule checks: non-square N; square N where the grid-row
+# schedule is reachable (T*K >= 20 N from GRID_ROW_MIN_TOKENS tokens on, below its int32 limit) and
+# where it is not (N = 1024^2 at K = 16 needs more tokens than its keys allow).
+EXPERT_SHAPES = ((6, 64, 32), (6, 65, 32), (16, 1_048_576, 1024), (512, 102_400, 1024), (4096, 102_400, 1024),
+                 (128, 4096, 128), (100, 144, 64), (20, 36, 64), (8, 256, 64), (1000, 81 * 81, 96),
+                 (65, 1089, 48), (4096, 4, 24), (1, 4, 100), (300, 1 << 20, 128))
+
+
 def test_workspace_sizes_match_the_python_plugins(library):
     lib = native.NativeLib(library.path)
-    for T in (1, 7, 300, 4096, 70_000):
+    for T in (1, 7, 255, 256, 300, 4096, 70_000, 600_000):
         for s, K in ((8, 6), (16, 64), (16, 65), (12, 100), (1024, 4096)):
             assert lib.topk_workspace_bytes(T, s, K) == topk_workspace_bytes(T, s, K)
-        for K, N, d in ((6, 64, 32), (16, 1_048_576, 1024), (512, 102_400, 1024)):
-            # The native library runs the hybrid schedule only (the grid-row one is not ported yet).
-            assert lib.experts_workspace_bytes(T, K, N, d) == pairs_workspace_bytes(T, K, N, d)
-            assert expert_workspace_bytes(T, K, N, d) >= pairs_workspace_bytes(T, K, N, d)
+        for K, N, d in EXPERT_SHAPES:
+            # The native library runs what "auto" runs, grid-row schedule included: the same workspace.
+            assert lib.experts_workspace_bytes(T, K, N, d) == expert_workspace_bytes(T, K, N, d), (T, K, N, d)
+    # The grid covers shapes where the grid-row schedule sets the size.
+    assert expert_workspace_bytes(4096, 128, 4096, 128) > pairs_workspace_bytes(4096, 128, 4096, 128)
+    assert expert_workspace_bytes(70_000, 512, 102_400, 1024) > pairs_workspace_bytes(70_000, 512, 102_400, 1024)
+
+
+def _python_schedule(T, K, N) -> str:
+    from omnimoe.kernels.experts import EXPERT_CENTRIC_SCHEDULE, use_expert_centric, use_grid_row
+
+    if use_grid_row(T, K, N):
+        return "grid"
+    return EXPERT_CENTRIC_SCHEDULE if use_expert_centric(T, K, N) else "token"
+
+
+def test_schedule_choice_matches_the_python_launcher(library):
+    """omnimoe_native_experts_schedule (what enqueue runs) == expert_grouped_matmul_triton's "auto"
+    over token counts around every threshold: the token minimums, T*K = reuse * N, and the grid
+    schedule's int32 token limit."""
+    import math
+
+    from omnimoe.kernels import experts, grid_row
+
+    lib = native.NativeLib(library.path)
+    seen = set()
+    for K, N, _ in EXPERT_SHAPES + ((2, 9, 8), (3, 100, 8), (50, 1000, 8), (64, 4096, 8), (4096, 1 << 20, 8)):
+        reuse_t = math.ceil(experts.EXPERT_CENTRIC_MIN_REUSE * N / K)
+        limit = grid_row.max_tokens(K, N)
+        ts = {1, 2, 64, 65, 66, 255, 256, 257, 300, 1024, 4096, 70_000, 2**31 // max(K, 1) + 1}
+        for t0 in (experts.EXPERT_CENTRIC_MIN_TOKENS, experts.GRID_ROW_MIN_TOKENS, reuse_t, limit):
+            ts |= {t0 - 1, t0, t0 + 1}
+        for T in sorted(t for t in ts if t >= 1):
+            want = _python_schedule(T, K, N)
+            got = native.capi.SCHEDULES[lib.experts_schedule(T, K, N)]
+            assert got == want, (T, K, N)
+            seen.add(want)
+    assert seen == {"token", "hybrid", "grid"}
+
+
+def test_grid_kernels_are_compiled_where_auto_can_pick_the_grid_schedule():
+    from omnimoe.kernels import grid_row
+
+    for K, N, d in EXPERT_SHAPES:
+        for dtype in ("fp32", "bf16"):
+            specs = {s.role: s for s in native.aot.kernel_specs(native.ExpertsVariant(d, N, K, dtype, "silu"))}
+            grid = {r for r in specs if r.startswith("gr_")}
+            if not native.aot.grid_reachable(K, N):
+                assert not grid
+                continue
+            assert grid == {"gr_histogram", "gr_scan_blocks", "gr_scatter", "gr_blocks", "gr_panel"} | (
+                set() if dtype == "fp32" else {"gr_cast"})
+            # The panel kernel as grid_row.launch runs it: constexprs, warps and stages of panel_config.
+            cfg = dict(grid_row.panel_config(N, dtype == "fp32", 0))
+            panel = specs["gr_panel"]
+            assert panel.num_warps == cfg.pop("num_warps") and panel.num_stages == cfg.pop("num_stages")
+            assert dict(panel.constexprs) == cfg
+            assert dict(specs["gr_blocks"].constexprs)["BM"] == cfg["BM"]
 
 
 _STANDALONE = textwrap.dedent(
@@ -340,3 +405,200 @@ def test_a_graph_without_omnimoe_nodes_needs_no_library(tmp_path, capsys):
     assert sorted(p.name for p in engine.parent.iterdir()) == ["standard.engine", "standard.engine.json"]
     assert json.loads(build_mod.sidecar_path(engine).read_text())["plugin_library"] is None
     assert build_mod.engine_plugin_library(engine) is None
+
+
+# A stand-in for libcuda.so.1 that loads nothing and runs nothing: it logs every memset and kernel
+# launch of the library (entry name, grid, argument values) so that the C++ launch sequences can
+# be compared with the Python launchers' without a GPU.
+_FAKE_LIBCUDA = r"""
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+typedef int CUresult;
+static FILE* out(void)
+{
+    static FILE* f = NULL;
+    if (!f)
+        f = fopen(getenv("FAKE_CUDA_LOG"), "w");
+    return f;
+}
+CUresult cuCtxGetCurrent(void** ctx) { *ctx = (void*) 0x1; return 0; }
+CUresult cuCtxGetDevice(int* dev) { *dev = 0; return 0; }
+CUresult cuDeviceGetAttribute(int* v, int attr, int dev)
+{
+    (void) dev;
+    *v = attr == 75 ? atoi(getenv("FAKE_CUDA_MAJOR")) : attr == 76 ? atoi(getenv("FAKE_CUDA_MINOR")) : 0;
+    return 0;
+}
+CUresult cuModuleLoadData(void** module, void const* image) { *module = (void*) image; return 0; }
+CUresult cuModuleGetFunction(void** fn, void* module, char const* name) { (void) module; *fn = strdup(name); return 0; }
+CUresult cuFuncGetAttribute(int* v, int attr, void* fn) { (void) attr; (void) fn; *v = 0; return 0; }
+CUresult cuFuncSetAttribute(void* fn, int attr, int v) { (void) fn; (void) attr; (void) v; return 0; }
+CUresult cuGetErrorString(CUresult status, char const** text) { (void) status; *text = "fake"; return 0; }
+CUresult cuMemsetD32Async(uint64_t ptr, unsigned value, size_t count, void* stream)
+{
+    (void) stream;
+    fprintf(out(), "memset %llu %u %llu\n", (unsigned long long) ptr, value, (unsigned long long) count);
+    fflush(out());
+    return 0;
+}
+/* FAKE_CUDA_ARITY: ";name=ppi;..." (p: 8-byte pointer, i: int32) */
+CUresult cuLaunchKernel(void* fn, unsigned gx, unsigned gy, unsigned gz, unsigned bx, unsigned by, unsigned bz,
+    unsigned shared, void* stream, void** params, void** extra)
+{
+    (void) gy; (void) gz; (void) by; (void) bz; (void) stream; (void) extra; (void) shared;
+    char const* name = (char const*) fn;
+    char key[256];
+    snprintf(key, sizeof key, ";%s=", name);
+    char const* spec = strstr(getenv("FAKE_CUDA_ARITY"), key);
+    if (!spec)
+        return 1;
+    spec += strlen(key);
+    fprintf(out(), "launch %s %u %u", name, gx, bx);
+    for (int i = 0; spec[i] && spec[i] != ';'; ++i)
+    {
+        if (spec[i] == 'p')
+            fprintf(out(), " %llu", (unsigned long long) *(uint64_t const*) params[i]);
+        else
+            fprintf(out(), " %d", *(int32_t const*) params[i]);
+    }
+    fprintf(out(), "\n");
+    fflush(out());
+    return 0;
+}
+"""
+
+_FAKE_HOST = textwrap.dedent(
+    """
+    import ctypes, json, os, sys
+    fake, library, cases = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])
+    ctypes.CDLL(fake, mode=os.RTLD_NOW | os.RTLD_GLOBAL)  # what dlopen("libcuda.so.1") then finds
+    lib = ctypes.CDLL(library)
+    P, I32, I64 = ctypes.c_void_p, ctypes.c_int32, ctypes.c_int64
+    lib.omnimoe_native_experts_launch.argtypes = [P] * 7 + [I64, I64] + [I32] * 5 + [P]
+    lib.omnimoe_native_experts_launch.restype = I32
+    lib.omnimoe_native_last_error.restype = ctypes.c_char_p
+    for c in cases:
+        print("case", c["T"], c["dtype"], flush=True)
+        ptrs = [(i + 1) << 40 for i in range(7)]  # x, up, down, gates, indices, y, workspace
+        rc = lib.omnimoe_native_experts_launch(*ptrs, c["ws"], c["T"], c["d"], c["N"], c["K"], c["dtype"], c["act"], None)
+        assert rc == 0, (rc, lib.omnimoe_native_last_error())
+    """
+)
+
+_PTR_NAMES = ("x", "up", "down", "gates", "indices", "y", "ws")
+
+
+def _native_launch_log(library_path, cases, tmp_path):
+    """[(case events)] where an event is ("memset", (buffer, offset), count) or
+    ("launch", kernel, grid, (args...)), pointers as (buffer name, byte offset)."""
+    fake = tmp_path / "libcuda.so.1"
+    subprocess.run(["g++", "-shared", "-fPIC", "-O1", "-Wl,-soname,libcuda.so.1", "-x", "c", "-", "-o", str(fake)],
+                   input=_FAKE_LIBCUDA, text=True, check=True)
+    arity = "".join(
+        f";{fn.__name__}=" + "".join("p" if p.name.endswith("_ptr") else "i" for p in fn.params if not p.is_constexpr)
+        for fn in codegen._launched_kernels()) + ";"
+    log = tmp_path / "launches.log"
+    script = tmp_path / "fake_host.py"
+    script.write_text(_FAKE_HOST)
+    env = dict(os.environ, FAKE_CUDA_LOG=str(log), FAKE_CUDA_ARITY=arity, FAKE_CUDA_MAJOR="9", FAKE_CUDA_MINOR="0",
+               OMNIMOE_NATIVE_QUIET="1")
+    proc = subprocess.run([sys.executable, str(script), str(fake), str(library_path), json.dumps(cases)],
+                          capture_output=True, text=True, env=env)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+
+    def ptr(v):
+        v = int(v)
+        return (_PTR_NAMES[(v >> 40) - 1], v & ((1 << 40) - 1))
+
+    spec = {part.split("=")[0]: part.split("=")[1] for part in arity.strip(";").split(";")}
+    events = []
+    for line in log.read_text().splitlines():
+        kind, *rest = line.split()
+        if kind == "memset":
+            assert rest[1] == "0"
+            events.append(("memset", ptr(rest[0]), int(rest[2])))
+        else:
+            name, grid, _threads, *vals = rest
+            args = tuple(ptr(v) if t == "p" else int(v) for t, v in zip(spec[name], vals))
+            events.append(("launch", name, int(grid), args))
+    return events
+
+
+def _python_launch_log(cases, monkeypatch):
+    """The same events from expert_grouped_matmul_triton("auto") itself, its kernels replaced by
+    recorders (CPU tensors under TRITON_INTERPRET=1; nothing runs but the workspace zeroing)."""
+    from omnimoe.kernels import experts, grid_row
+
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    events, buffers = [], {}
+
+    def norm(t):
+        for name, base in buffers.items():
+            lo = base.data_ptr()
+            if lo <= t.data_ptr() < lo + base.numel() * base.element_size() or t.data_ptr() == lo:
+                return (name, t.data_ptr() - lo)
+        raise AssertionError("a tensor outside the launch's buffers")
+
+    class Recorder:
+        def __init__(self, fn):
+            self.name = fn.__name__
+
+        def __getitem__(self, grid):
+            def run(*args, **_meta):
+                events.append(("launch", self.name, int(grid[0]),
+                               tuple(norm(a) if isinstance(a, torch.Tensor) else int(a) for a in args)))
+            return run
+
+    launched = codegen._launched_kernels()
+    for module in (experts, grid_row):
+        for name in dir(module):
+            obj = getattr(module, name)
+            if any(obj is fn for fn in launched):
+                monkeypatch.setattr(module, name, Recorder(obj))
+    original_zero = torch.Tensor.zero_
+
+    def zero(t):
+        events.append(("memset", norm(t), t.numel() * t.element_size() // 4))
+        return original_zero(t)
+
+    monkeypatch.setattr(torch.Tensor, "zero_", zero)
+    dtypes = {0: torch.float32, 1: torch.float16, 2: torch.bfloat16}
+    acts = {v: k for k, v in experts.ACT_IDS.items()}
+    logs = []
+    for c in cases:
+        T, d, N, K, dt = c["T"], c["d"], c["N"], c["K"], dtypes[c["dtype"]]
+        buffers.clear()
+        buffers.update(x=torch.zeros(T, d, dtype=dt), up=torch.zeros(N, d, dtype=dt), down=torch.zeros(N, d, dtype=dt),
+                       gates=torch.zeros(T, K), indices=torch.zeros(T, K, dtype=torch.int32),
+                       y=torch.zeros(T, d, dtype=dt), ws=torch.zeros(c["ws"], dtype=torch.uint8))
+        b = buffers
+        start = len(events)
+        experts.expert_grouped_matmul_triton(b["x"], b["up"], b["down"], b["gates"], b["indices"], acts[c["act"]],
+                                             out=b["y"], workspace=b["ws"])
+        logs.append(events[start:])
+    return logs
+
+
+def test_native_launch_sequences_are_the_python_launchers(library, tmp_path, monkeypatch):
+    """Argument by argument, without a GPU: for token counts that take each schedule (token-centric,
+    hybrid, grid-row), omnimoe_native_experts_launch zeroes the same workspace buffers and launches
+    the same kernels with the same grids and arguments, pointers at the same workspace offsets, as
+    expert_grouped_matmul_triton(schedule="auto")."""
+    from omnimoe.kernels.experts import ACT_IDS
+
+    d, N, K = 32, 64, 6  # the layer models' experts variant (gelu; fp32, fp16, bf16)
+    cases, want = [], []
+    for T in (7, 230, 300, 4096):
+        for dtype in (0, 1, 2):
+            cases.append(dict(T=T, d=d, N=N, K=K, dtype=dtype, act=ACT_IDS["gelu"],
+                              ws=expert_workspace_bytes(T, K, N, d)))
+            want.append(_python_schedule(T, K, N))
+    assert set(want) == {"token", "hybrid", "grid"}
+    native_events = _native_launch_log(library.path, cases, tmp_path)
+    python_logs = _python_launch_log(cases, monkeypatch)
+    assert native_events == [e for log in python_logs for e in log]
+    for log, schedule in zip(python_logs, want):
+        kernels = [e[1] for e in log if e[0] == "launch"]
+        assert ("_gr_panel_kernel" in kernels) == (schedule == "grid"), (schedule, kernels)

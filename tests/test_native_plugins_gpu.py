@@ -7,8 +7,9 @@ provides TensorRT's headers). The tests call, through ctypes with torch CUDA ten
   `enqueue` calls, on a side stream and inside CUDA-graph capture;
 - the TensorRT-free harness, which creates each plugin through its creator with parser-encoded
   fields and runs the plugin's own onShapeChange + enqueue;
-for fp32/fp16/bf16, T = 1, 7, 300, 4096, K <= s and K > s (both router kernels, both expert
-schedules), all four activations and both gates, against the reference ops. Engines themselves
+for fp32/fp16/bf16, T = 1, 7, 100, 300, 4096, K <= s and K > s (both router kernels, all three expert
+schedules: token-centric, hybrid and grid-row, which "auto" picks at the larger T of these square-N
+shapes, the hybrid below GRID_ROW_MIN_TOKENS), all four activations and both gates, against the reference ops. Engines themselves
 cannot run here (SPEC §5).
 """
 from __future__ import annotations
@@ -29,13 +30,17 @@ if not torch.cuda.is_available():
 from omnimoe.kernels import expert_grouped_matmul_triton, product_key_topk_triton  # noqa: E402
 from trt_plugins import native  # noqa: E402
 
-TOKENS = [1, 7, 300, 4096]
+# 100: the hybrid schedule at N = 36 and 144 (T*K >= 20 N below GRID_ROW_MIN_TOKENS); 300 and 4096
+# take the grid-row one where T*K >= 20 N.
+TOKENS = [1, 7, 100, 300, 4096]
 D = 64
 # (s, K): K <= s (register router), K > s with K <= 64 (register router), K > 64 (workspace router).
 ROUTER_CASES = [(16, 8), (6, 20), (12, 100)]
 GATES = ["product", "softmax"]
 ACTIVATIONS = ["silu", "gelu", "relu", "gelu_tanh"]
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+# (d, N = s*s with s = 64, K) where "auto" takes the grid-row schedule from T = 640 (T*K >= 20 N).
+GRID_CASE = (128, 4096, 128)
 
 
 def _variants():
@@ -44,6 +49,8 @@ def _variants():
     out += [native.ExpertsVariant(D, s * s, k, dt, act) for dt in DTYPES for act in ACTIVATIONS]
     for s, k in ROUTER_CASES[1:]:
         out += [native.ExpertsVariant(D, s * s, k, dt, "silu") for dt in DTYPES]
+    d, N, K = GRID_CASE
+    out += [native.ExpertsVariant(d, N, K, dt, "silu") for dt in ("fp32", "bf16")]
     return out
 
 
@@ -155,13 +162,50 @@ def test_experts_match_reference_and_triton(lib, dtype, activation, N, K, harnes
         torch.testing.assert_close(y.float(), direct.float(), **tight)
 
 
+def _python_schedule(T, K, N) -> str:
+    from omnimoe.kernels.experts import EXPERT_CENTRIC_SCHEDULE, use_expert_centric, use_grid_row
+
+    if use_grid_row(T, K, N):
+        return "grid"
+    return EXPERT_CENTRIC_SCHEDULE if use_expert_centric(T, K, N) else "token"
+
+
+@pytest.mark.parametrize("harness", [False, True], ids=["c_abi", "plugin_enqueue"])
+@pytest.mark.parametrize("dtype", ["bf16", "fp32"])
+def test_experts_grid_row_schedule(lib, dtype, harness):
+    """The grid-row schedule (grid_row.py) through the library: chosen where "auto" chooses it, on
+    a garbage-filled workspace (what it accumulates into is zeroed by the launch itself), with a
+    repeated expert id per token (its terms add), against the reference and the Python launcher."""
+    d, N, K = GRID_CASE
+    dt = DTYPES[dtype]
+    for T, want in ((1024, "grid"), (2048, "grid"), (300, "token")):
+        assert _python_schedule(T, K, N) == want
+        assert native.capi.SCHEDULES[lib.experts_schedule(T, K, N)] == want
+        x, up, down, gates, indices = expert_inputs(T, d, N, K, dt, seed=T)
+        indices[:, 1] = indices[:, 0]
+        y, ws = experts_buffers(lib, T, d, N, K, dt)
+        ws.fill_(255)
+        side = _side_stream()
+        run_experts(lib, x, up, down, gates, indices, y, ws, "silu", side, harness)
+        side.synchronize()
+        assert native.capi.SCHEDULES[lib.experts_last_schedule()] == want  # the launch ran it
+        ref = expert_grouped_matmul_reference(x, up, down, gates, indices, "silu")
+        torch.testing.assert_close(y.float(), ref.float(), **TOL[dt])
+        direct = expert_grouped_matmul_triton(x, up, down, gates, indices, "silu")
+        tight = dict(atol=1e-5, rtol=1e-5) if dt == torch.float32 else dict(atol=1e-2, rtol=1e-2)
+        torch.testing.assert_close(y.float(), direct.float(), **tight)
+
+
 @pytest.mark.parametrize("harness", [False, True], ids=["c_abi", "plugin_enqueue"])
 @pytest.mark.parametrize("dtype", ["fp32", "bf16"])
 def test_router_and_experts_captured_in_one_graph(lib, dtype, harness):
-    """top-K then experts, captured together on a side stream, replayed on new data."""
+    """top-K then experts, captured together on a side stream, replayed on new data: each expert
+    schedule (its memsets and launches) captured."""
     dt = DTYPES[dtype]
-    for (s, K), T in [((16, 8), 7), ((16, 8), 4096), ((12, 100), 300)]:
+    for (s, K), T, schedule in [((16, 8), 7, "token"), ((16, 8), 4096, "grid"), ((12, 100), 100, "hybrid"),
+                                ((12, 100), 300, "grid")]:
         N = s * s
+        assert native.capi.SCHEDULES[lib.experts_schedule(T, K, N)] == schedule == _python_schedule(T, K, N)
         lx, ly = router_inputs(T, s, seed=T)
         x, up, down, _, _ = expert_inputs(T, D, N, K, dt, seed=T)
         gates, indices, ws1 = topk_launch(lib, lx, ly, K, "softmax", torch.cuda.current_stream(), harness)

@@ -50,6 +50,8 @@ GR_SORT_BLOCK = 1024
 GR_SCAN_BLOCK = 1024
 GR_GATE_BLOCK = 256
 _CAST_BLOCK = 4096
+# Panels per step of the single-program work-list kernel.
+_BLOCKS_BLOCK = 1024
 
 
 def grid_side(N: int) -> int | None:
@@ -321,6 +323,37 @@ def panel_config(N: int, fp32: bool, act: int) -> dict:
                 num_stages=GR_STAGES)
 
 
+def panel_steps(N: int) -> int:
+    """NSTEPS of `_gr_panel_kernel`: binary-search steps over the s*P panels' work offsets."""
+    s, P, _, _ = panel_geometry(N)
+    return max(1, (s * P).bit_length())
+
+
+def histogram_config() -> dict:
+    """Constexprs + num_warps of `_gr_histogram_kernel` (grid: cdiv(T*K, BLOCK)); native plugins too."""
+    return dict(BLOCK=GR_SORT_BLOCK, num_warps=4)
+
+
+def scan_blocks_config() -> dict:
+    """Constexprs + num_warps of `_gr_scan_blocks_kernel` (grid: cdiv(NP*T + 1, BLOCK))."""
+    return dict(BLOCK=GR_SCAN_BLOCK, num_warps=4)
+
+
+def scatter_config() -> dict:
+    """Constexprs + num_warps of `_gr_scatter_kernel` (grid: the histogram's)."""
+    return dict(SCAN_BLOCK=GR_SCAN_BLOCK, BLOCK=GR_SORT_BLOCK, num_warps=4)
+
+
+def blocks_config(N: int, fp32: bool) -> dict:
+    """Constexprs + num_warps of `_gr_blocks_kernel` (one program); BM is the panel kernel's."""
+    return dict(BM=panel_config(N, fp32, 0)["BM"], SCAN_BLOCK=GR_SCAN_BLOCK, BLOCK=_BLOCKS_BLOCK, num_warps=4)
+
+
+def cast_config() -> dict:
+    """Constexprs + num_warps of `_gr_cast_kernel` (grid: cdiv(T*d, BLOCK); 16-bit outputs only)."""
+    return dict(BLOCK=_CAST_BLOCK, num_warps=4)
+
+
 def _tile_rows() -> int:
     """Rows of the per-program G / H scratch tiles (the larger BM of the two configs)."""
     return max(GR_BM, GR_FP32_BM)
@@ -355,23 +388,23 @@ def launch(x, up, down, gates, indices, out, workspace, act: int, *, sort_only: 
     y32 = out if fp32 else carver.take(T * D, torch.float32).view(T, D)
     counts.zero_()
     y32.zero_()
-    sort_grid = (triton.cdiv(tk, GR_SORT_BLOCK),)
-    _gr_histogram_kernel[sort_grid](indices, counts, rank, tk, K, N, s, P, pwr, T, BLOCK=GR_SORT_BLOCK)
-    _gr_scan_blocks_kernel[(nb,)](counts, offsets, slotoff, bsums, bslots, nkey1, BLOCK=GR_SCAN_BLOCK)
+    hist, scatter = histogram_config(), scatter_config()
+    sort_grid = (triton.cdiv(tk, hist["BLOCK"]),)
+    _gr_histogram_kernel[sort_grid](indices, counts, rank, tk, K, N, s, P, pwr, T, **hist)
+    _gr_scan_blocks_kernel[(nb,)](counts, offsets, slotoff, bsums, bslots, nkey1, **scan_blocks_config())
     _scan_top_kernel[(1,)](bsums, nb, BLOCK=_SCAN_TOP_BLOCK)
     _scan_top_kernel[(1,)](bslots, nb, BLOCK=_SCAN_TOP_BLOCK)
     _gr_scatter_kernel[sort_grid](indices, gates, rank, offsets, slotoff, bsums, bslots, scol, sgate, sslot,
-                                  slot_tok, slot_pair, tk, K, N, s, P, pwr, T,
-                                  SCAN_BLOCK=GR_SCAN_BLOCK, BLOCK=GR_SORT_BLOCK)
-    _gr_blocks_kernel[(1,)](slotoff, bslots, blkoff, npanels, T, BM=cfg["BM"], SCAN_BLOCK=GR_SCAN_BLOCK,
-                            BLOCK=1024)
+                                  slot_tok, slot_pair, tk, K, N, s, P, pwr, T, **scatter)
+    _gr_blocks_kernel[(1,)](slotoff, bslots, blkoff, npanels, T, **blocks_config(N, fp32))
     if sort_only:
         return
-    nsteps = max(1, npanels.bit_length())
+    nsteps = panel_steps(N)
     _gr_panel_kernel[(z["nprog"],)](
         x, up, down, scol, sgate, sslot, slot_tok, slot_pair, offsets, slotoff, bsums, bslots, blkoff, gscr, hscr, y32,
         D, s, P, pwr, npanels, nkey1 - 1, T, nsteps, **cfg,
     )
     if not fp32:
         n = T * D
-        _gr_cast_kernel[(triton.cdiv(n, _CAST_BLOCK),)](y32, out, n, BLOCK=_CAST_BLOCK, num_warps=4)
+        cast = cast_config()
+        _gr_cast_kernel[(triton.cdiv(n, cast["BLOCK"]),)](y32, out, n, **cast)

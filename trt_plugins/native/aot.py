@@ -3,7 +3,7 @@
 A *variant* is what one plugin instance needs: the router's (s, K, gate) or the experts' (d, N, K,
 dtype, activation). `kernel_specs(variant)` lists the kernels its launcher runs, with the same
 constexprs and num_warps (`router.topk_kernel_config`, `experts.token_centric_config`,
-`experts.expert_tile_config`); `compile_variants` compiles each for every SM with `triton.compile`
+`experts.expert_tile_config`, grid_row's `*_config`); `compile_variants` compiles each for every SM with `triton.compile`
 (no GPU needed) and returns cubins, one PTX fallback per kernel and the launch metadata the C++
 side needs (entry name, shared memory, warps, parameter count).
 """
@@ -57,6 +57,7 @@ class KernelSpec:
     known_ints: tuple  # ((param name, value), ...) fixed per variant: divisibility hints
     constexprs: tuple  # ((name, value), ...)
     num_warps: int
+    num_stages: int | None = None  # None: triton's default, as a launch that names none gets
 
     def signature(self) -> tuple[dict, dict, dict]:
         """(triton signature, constexprs, attrs) for ASTSource."""
@@ -82,10 +83,59 @@ class KernelSpec:
         return [(p.name, "ptr" if p.name in pointers else "i32") for p in self.fn.params if not p.is_constexpr]
 
 
-def _split_meta(meta: dict) -> tuple[tuple, int]:
+def _split_meta(meta: dict) -> tuple[tuple, int, int | None]:
+    """A launcher's config dict -> (constexprs, num_warps, num_stages or None)."""
     meta = dict(meta)
     num_warps = int(meta.pop("num_warps"))
-    return tuple(sorted(meta.items())), num_warps
+    num_stages = meta.pop("num_stages", None)
+    return tuple(sorted(meta.items())), num_warps, None if num_stages is None else int(num_stages)
+
+
+def grid_reachable(K: int, N: int) -> bool:
+    """Whether "auto" (`experts.use_grid_row`) runs the grid-row schedule for some token count at
+    this (K, N): N a perfect square and the token / reuse thresholds met below its int32 limit."""
+    from omnimoe.kernels import experts, grid_row
+
+    return experts._grid_row_max_tokens(grid_row.max_tokens(K, N), K, N) > 0
+
+
+def _grid_specs(variant) -> list:
+    """The grid-row schedule's kernels (grid_row.launch), for a variant where "auto" may pick it."""
+    from omnimoe.kernels import experts, grid_row
+
+    d, N, K, t = variant.hidden_size, variant.num_experts, variant.top_k, _TRITON_DTYPE[variant.dtype]
+    fp32 = variant.dtype == "fp32"
+    act = experts.ACT_IDS[variant.activation]
+    s, P, pwr, _ = grid_row.panel_geometry(N)
+    npanels = s * P
+    i32 = "i32"
+    # Ints fixed per variant (divisibility hints only, as triton's launcher specialises them).
+    geo = (("K", K), ("N", N), ("S", s), ("P", P), ("PWR", pwr))
+    specs = []
+
+    def spec(role, fn, ptrs, known, meta):
+        consts, warps, stages = _split_meta(meta)
+        specs.append(KernelSpec(role, fn, ptrs, known, consts, warps, stages))
+
+    spec("gr_histogram", grid_row._gr_histogram_kernel, (("idx_ptr", i32), ("counts_ptr", i32), ("rank_ptr", i32)),
+         geo, grid_row.histogram_config())
+    spec("gr_scan_blocks", grid_row._gr_scan_blocks_kernel,
+         tuple((name, i32) for name in ("counts_ptr", "offsets_ptr", "slotoff_ptr", "bsums_ptr", "bslots_ptr")), (),
+         grid_row.scan_blocks_config())
+    sorted_ptrs = (("scol_ptr", i32), ("sgate_ptr", "fp32"), ("sslot_ptr", i32), ("slot_tok_ptr", i32),
+                   ("slot_pair_ptr", i32))
+    scans = (("offsets_ptr", i32), ("slotoff_ptr", i32), ("bsums_ptr", i32), ("bslots_ptr", i32))
+    spec("gr_scatter", grid_row._gr_scatter_kernel,
+         (("idx_ptr", i32), ("g_ptr", "fp32"), ("rank_ptr", i32)) + scans + sorted_ptrs, geo, grid_row.scatter_config())
+    spec("gr_blocks", grid_row._gr_blocks_kernel, (("slotoff_ptr", i32), ("bslots_ptr", i32), ("blkoff_ptr", i32)),
+         (("NP", npanels),), grid_row.blocks_config(N, fp32))
+    panel_ptrs = (("x_ptr", t), ("up_ptr", t), ("down_ptr", t)) + sorted_ptrs + scans + (
+        ("blkoff_ptr", i32), ("gscr_ptr", "fp32"), ("hscr_ptr", "fp32"), ("y_ptr", "fp32"))
+    panel_known = (("D", d), ("S", s), ("P", P), ("PWR", pwr), ("NP", npanels), ("NSTEPS", grid_row.panel_steps(N)))
+    spec("gr_panel", grid_row._gr_panel_kernel, panel_ptrs, panel_known, grid_row.panel_config(N, fp32, act))
+    if not fp32:
+        spec("gr_cast", grid_row._gr_cast_kernel, (("src_ptr", "fp32"), ("dst_ptr", t)), (), grid_row.cast_config())
+    return specs
 
 
 def kernel_specs(variant) -> list[KernelSpec]:
@@ -95,25 +145,25 @@ def kernel_specs(variant) -> list[KernelSpec]:
     if isinstance(variant, TopKVariant):
         s, K = variant.grid_side, variant.top_k
         kernel, meta = router.topk_kernel_config(s, K, variant.gate)
-        consts, warps = _split_meta(meta)
+        consts, warps, stages = _split_meta(meta)
         ptrs = (("px_ptr", "fp32"), ("py_ptr", "fp32"), ("gates_ptr", "fp32"), ("idx_ptr", "i32"),
                 ("wsf_ptr", "fp32"), ("wsi_ptr", "i32"))
         known = (("s", s), ("K", K), ("KA", min(K, s)), ("stride_px", s), ("stride_py", s))
-        return [KernelSpec("topk", kernel, ptrs, known, consts, warps)]
+        return [KernelSpec("topk", kernel, ptrs, known, consts, warps, stages)]
 
     if not isinstance(variant, ExpertsVariant):
         raise TypeError(variant)
     d, N, K, t = variant.hidden_size, variant.num_experts, variant.top_k, _TRITON_DTYPE[variant.dtype]
     act = experts.ACT_IDS[variant.activation]
     if experts.EXPERT_CENTRIC_SCHEDULE != "hybrid":
-        # The C++ launcher mirrors the hybrid schedule only; fail here rather than run another.
+        # The C++ launcher mirrors the hybrid (and grid-row) schedules only; fail here rather than run another.
         raise RuntimeError(f"native plugins implement the hybrid schedule, auto is {experts.EXPERT_CENTRIC_SCHEDULE!r}")
     dkn = (("D", d), ("K", K), ("N", N))
     table = (("x_ptr", t), ("up_ptr", t), ("down_ptr", t), ("g_ptr", "fp32"), ("idx_ptr", "i32"))
     specs = []
     for role, h_given in (("token", False), ("token_h", True)):
-        consts, warps = _split_meta(experts.token_centric_config(d, K, act, h_given))
-        specs.append(KernelSpec(role, experts._token_centric_kernel, table + (("y_ptr", t),), dkn, consts, warps))
+        consts, warps, stages = _split_meta(experts.token_centric_config(d, K, act, h_given))
+        specs.append(KernelSpec(role, experts._token_centric_kernel, table + (("y_ptr", t),), dkn, consts, warps, stages))
     i32 = "i32"
     sort_block = (("BLOCK", experts._SORT_BLOCK),)
     specs += [
@@ -128,9 +178,12 @@ def kernel_specs(variant) -> list[KernelSpec]:
                    (("idx_ptr", i32), ("rank_ptr", i32), ("offsets_ptr", i32), ("block_sums_ptr", i32), ("sorted_ptr", i32)),
                    (("N", N),), (("SCAN_BLOCK", experts._SCAN_BLOCK),) + sort_block, 4),
     ]
-    consts, warps = _split_meta(experts.expert_tile_config(variant.dtype == "fp32", act, True))
+    consts, warps, stages = _split_meta(experts.expert_tile_config(variant.dtype == "fp32", act, True))
     tile_ptrs = table + (("sorted_ptr", i32), ("offsets_ptr", i32), ("block_sums_ptr", i32), ("y_ptr", "fp32"))
-    specs.append(KernelSpec("tile", experts._expert_tile_kernel, tile_ptrs, dkn, consts, warps))
+    specs.append(KernelSpec("tile", experts._expert_tile_kernel, tile_ptrs, dkn, consts, warps, stages))
+    if grid_reachable(K, N):
+        # grid_row.launch runs experts._scan_top_kernel too: the "scan_top" spec above (same BLOCK).
+        specs += _grid_specs(variant)
     return specs
 
 
@@ -173,6 +226,8 @@ def _compile_one(spec: KernelSpec, cc: int, *, ptx_only: bool = False) -> Kernel
     sig, consts, attrs = spec.signature()
     src = ASTSource(fn=spec.fn, signature=sig, constexprs=consts, attrs=attrs)
     options = {"num_warps": spec.num_warps, "ptx_version": PTX_VERSION[cc], "enable_fp_fusion": True}
+    if spec.num_stages is not None:
+        options["num_stages"] = spec.num_stages
     try:
         compiled = triton.compile(src, target=GPUTarget("cuda", cc, 32), options=options)
     except Exception as e:  # noqa: BLE001 - triton raises many types; name the kernel and target
@@ -254,7 +309,7 @@ def compile_variants(variants, sms=DEFAULT_SMS, *, log=None) -> CompiledLibrary:
         for spec in kernel_specs(variant):
             idx = []
             for cc, ptx_only in [(cc, False) for cc in sms] + [(PTX_FALLBACK_SM, True)]:
-                key = (spec.fn.__name__, repr(spec.signature()), spec.num_warps, cc, ptx_only)
+                key = (spec.fn.__name__, repr(spec.signature()), spec.num_warps, spec.num_stages, cc, ptx_only)
                 if key not in keys:
                     keys[key] = len(jobs)
                     jobs.append((spec, cc, ptx_only))

@@ -3,6 +3,7 @@
     lib = capi.NativeLib("out/libomnimoe_trt_plugins.so")
     lib.info()                                      # SMs, variants, versions (no GPU needed)
     lib.topk_launch(lx_ptr, ly_ptr, gates_ptr, idx_ptr, ws_ptr, ws_bytes, T, s, K, softmax, stream)
+    capi.SCHEDULES[lib.experts_schedule(T, K, N)]    # "token" | "hybrid" | "grid", as "auto" picks
 
 Pointers and the stream are plain integers (e.g. `tensor.data_ptr()`, `stream.cuda_stream`), so
 this module needs neither torch nor TensorRT.
@@ -20,6 +21,8 @@ _SIGNATURES = {
     "omnimoe_native_experts_launch": (_I32, [_P, _P, _P, _P, _P, _P, _P, _I64, _I64, _I32, _I32, _I32, _I32, _I32, _P]),
     "omnimoe_native_topk_workspace_bytes": (_I64, [_I64, _I32, _I32]),
     "omnimoe_native_experts_workspace_bytes": (_I64, [_I64, _I32, _I32, _I32]),
+    "omnimoe_native_experts_schedule": (_I32, [_I64, _I32, _I32]),
+    "omnimoe_native_experts_last_schedule": (_I32, []),
     "omnimoe_native_last_error": (ctypes.c_char_p, []),
     "omnimoe_native_clear_error": (None, []),
     "omnimoe_native_info": (ctypes.c_char_p, []),
@@ -30,6 +33,8 @@ _SIGNATURES = {
 }
 
 DTYPE_CODES = {"fp32": 0, "fp16": 1, "bf16": 2}
+# What omnimoe_native_experts_schedule / _last_schedule return, by code (expert_grouped_matmul_triton's names).
+SCHEDULES = ("token", "hybrid", "grid")
 
 
 class NativeLib:

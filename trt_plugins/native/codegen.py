@@ -21,7 +21,7 @@ MARKER = "// @GENERATED@"
 
 def _launched_kernels():
     """The @triton.jit functions plugins.cpp launches (each gets a typed wrapper)."""
-    from omnimoe.kernels import experts, router
+    from omnimoe.kernels import experts, grid_row, router
 
     return (
         router._product_key_topk_small_kernel,
@@ -32,7 +32,44 @@ def _launched_kernels():
         experts._scan_top_kernel,
         experts._scatter_kernel,
         experts._expert_tile_kernel,
+        grid_row._gr_histogram_kernel,
+        grid_row._gr_scan_blocks_kernel,
+        grid_row._gr_scatter_kernel,
+        grid_row._gr_blocks_kernel,
+        grid_row._gr_panel_kernel,
+        grid_row._gr_cast_kernel,
     )
+
+
+# Kernel sets of an ExpertsVariant row, in plugins.cpp's struct order; the grid-row ones are empty
+# ({nullptr, 0}) where the variant cannot take that schedule (gr_cast also for fp32).
+_EXPERT_ROLES = ("token", "token_h", "histogram", "scan_blocks", "scan_top", "scatter", "tile")
+_GRID_ROLES = ("gr_histogram", "gr_scan_blocks", "gr_scatter", "gr_blocks", "gr_panel", "gr_cast")
+
+
+def _grid_constants() -> list[str]:
+    """What plugins.cpp needs to choose the grid-row schedule, size its workspace and launch it."""
+    from omnimoe.kernels import experts, grid_row
+
+    hist, scan, scatter, cast = (grid_row.histogram_config(), grid_row.scan_blocks_config(),
+                                 grid_row.scatter_config(), grid_row.cast_config())
+    if not (hist["BLOCK"] == scatter["BLOCK"] == grid_row.GR_SORT_BLOCK and scan["BLOCK"] == grid_row.GR_SCAN_BLOCK
+            and scatter["SCAN_BLOCK"] == grid_row.GR_SCAN_BLOCK):
+        raise RuntimeError("grid_row's sort / scan configs disagree with its workspace sizes")
+    from .capi import SCHEDULES
+
+    return [
+        *(f"static constexpr int32_t kSchedule{name.capitalize()} = {SCHEDULES.index(name)};"
+          for name in ("token", "hybrid", "grid")),
+        f"static constexpr int64_t kGridRowMinTokens = {experts.GRID_ROW_MIN_TOKENS};",
+        f"static constexpr int64_t kGrChunkExperts = {grid_row.GR_BC};",
+        f"static constexpr int64_t kGrMaxChunks = {grid_row._MAX_CHUNKS};",
+        f"static constexpr int64_t kGrPrograms = {grid_row.GR_PROGRAMS};",
+        f"static constexpr int64_t kGrTileRows = {grid_row._tile_rows()};",
+        f"static constexpr int64_t kGrSortBlock = {hist['BLOCK']};",
+        f"static constexpr int64_t kGrScanBlock = {scan['BLOCK']};",
+        f"static constexpr int64_t kGrCastBlock = {cast['BLOCK']};",
+    ]
 
 
 def _param_kind(name: str) -> str:
@@ -122,7 +159,7 @@ def info(library: aot.CompiledLibrary) -> dict:
 
 def render(library: aot.CompiledLibrary) -> str:
     """The complete C++ source of the library (hand-written plugins.cpp + the generated half)."""
-    from omnimoe.kernels import experts, router
+    from omnimoe.kernels import experts, grid_row, router
     from omnimoe.kernels._launch import ALIGN
 
     launched = {fn.__name__ for fn in _launched_kernels()}
@@ -146,6 +183,7 @@ def render(library: aot.CompiledLibrary) -> str:
         f"static constexpr int64_t kTileExperts = {experts._EC_BE};",
         f"static constexpr int64_t kExpertCentricMinTokens = {experts.EXPERT_CENTRIC_MIN_TOKENS};",
         f"static constexpr double kExpertCentricMinReuse = {float(experts.EXPERT_CENTRIC_MIN_REUSE)!r};",
+        *_grid_constants(),
         f"static constexpr int32_t kSms[] = {{{', '.join(map(str, library.sms))}}};",
         f"static constexpr int32_t kNumSms = {len(library.sms)};",
         f"static constexpr int32_t kMaxSm = {max(library.sms)};",
@@ -178,6 +216,8 @@ def render(library: aot.CompiledLibrary) -> str:
             g.append(f"static KernelImage const {sets[key]}[] = {{\n    " + ",\n    ".join(rows) + "};")
 
     def kset(images) -> str:
+        if images is None:
+            return "{nullptr, 0}"
         name = sets[tuple(id(i) for i in images)]
         return f"{{{name}, {len(images)}}}"
 
@@ -188,11 +228,17 @@ def render(library: aot.CompiledLibrary) -> str:
             softmax = int(variant.gate == "softmax")
             topk_rows.append(f"{{{variant.grid_side}, {variant.top_k}, {softmax}, {kset(by_role['topk'])}}}")
         else:
-            roles = ("token", "token_h", "histogram", "scan_blocks", "scan_top", "scatter", "tile")
-            sets_c = ", ".join(kset(by_role[r]) for r in roles)
+            sets_c = ", ".join(kset(by_role[r]) for r in _EXPERT_ROLES)
+            fp32 = variant.dtype == "fp32"
+            has_grid = "gr_panel" in by_role
+            if has_grid != aot.grid_reachable(variant.top_k, variant.num_experts):
+                raise RuntimeError(f"{variant}: grid-row kernels compiled iff the schedule is reachable")
+            # BM of the panel kernel (and of the work list's blocks): sizes the panel kernel's grid.
+            gr_bm = grid_row.panel_config(variant.num_experts, fp32, 0)["BM"] if has_grid else 0
+            grid_c = ", ".join(kset(by_role.get(r)) for r in _GRID_ROLES)
             expert_rows.append(
                 f"{{{variant.hidden_size}, {variant.num_experts}, {variant.top_k}, {aot.DTYPES.index(variant.dtype)}, "
-                f"{experts.ACT_IDS[variant.activation]}, {sets_c}}}"
+                f"{experts.ACT_IDS[variant.activation]}, {sets_c}, {gr_bm}, {grid_c}}}"
             )
     # Zero-length arrays are not C++: keep one unused row when a library has no variant of an op.
     g.append(f"static TopKVariant const kTopKVariants[] = {{{', '.join(topk_rows) or '{}'}}};")

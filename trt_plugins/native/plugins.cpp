@@ -17,6 +17,8 @@
 #include <dlfcn.h>
 
 #include <algorithm>
+#include <atomic>
+#include <cmath>
 #include <cstdarg>
 #include <cstdint>
 #include <cstdio>
@@ -71,6 +73,10 @@ struct ExpertsVariant
 {
     int32_t d, n, k, dtype, act;
     KernelSet token, tokenH, histogram, scanBlocks, scanTop, scatter, tile;
+    // Grid-row schedule (grid_row.py): the panel kernel's BM and the kernels, empty ({nullptr, 0})
+    // where "auto" never picks it for this (K, N); grCast is empty for fp32 too.
+    int32_t grBm;
+    KernelSet grHistogram, grScanBlocks, grScatter, grBlocks, grPanel, grCast;
 };
 
 // ------------------------------------------------------------------------------------------------
@@ -308,16 +314,123 @@ static int64_t topkWorkspaceBytes(int64_t maxTokens, int64_t s, int64_t k)
     return maxTokens * gen::kTopKWorkspaceRows * std::min(k, s) * 4;
 }
 
-static int64_t expertsWorkspaceBytes(int64_t maxTokens, int64_t k, int64_t n, int64_t d)
+// Sorted-pairs (hybrid) schedule: experts.pairs_workspace_bytes.
+static int64_t pairsWorkspaceBytes(int64_t maxTokens, int64_t k, int64_t n, int64_t d)
 {
     int64_t tk = maxTokens * k, n1 = n + 1, nb = cdiv(n1, gen::kScanBlock);
     return alignUp(n1 * 4) * 2 + alignUp(nb * 4) + alignUp(tk * 4) * 2 + alignUp(maxTokens * d * 4);
 }
 
+// Grid-row schedule geometry (grid_row.grid_side / panel_geometry): N = s*s experts in s rows,
+// each row in P panels of PWR columns, NCH chunks of kGrChunkExperts per panel.
+struct GridGeometry
+{
+    int64_t s, p, pwr, nch;
+};
+
+static bool gridGeometry(int64_t n, GridGeometry& g)
+{
+    if (n <= 0)
+        return false;
+    int64_t s = int64_t(std::sqrt(double(n)));
+    while (s > 0 && s * s > n)
+        --s;
+    while ((s + 1) * (s + 1) <= n)
+        ++s;
+    if (s <= 0 || s * s != n)
+        return false;
+    g.s = s;
+    g.p = std::max<int64_t>(1, cdiv(s, gen::kGrMaxChunks * gen::kGrChunkExperts));
+    g.pwr = cdiv(s, g.p);
+    g.nch = cdiv(g.pwr, gen::kGrChunkExperts);
+    return true;
+}
+
+// grid_row.max_tokens: the most tokens whose keys (s*P*T + 1) and pairs (T*K) fit int32; 0 if N is
+// no square.
+static int64_t gridMaxTokens(int64_t k, int64_t n)
+{
+    GridGeometry g;
+    if (!gridGeometry(n, g) || k <= 0)
+        return 0;
+    return std::min((int64_t(INT32_MAX) - 1) / (g.s * g.p), int64_t(INT32_MAX) / k);
+}
+
+// experts.use_grid_row
+static bool useGridRow(int64_t t, int64_t k, int64_t n)
+{
+    return t >= gen::kGridRowMinTokens && double(t * k) >= gen::kExpertCentricMinReuse * double(n) && t > 0
+        && t <= gridMaxTokens(k, n);
+}
+
+// experts.use_expert_centric
 static bool useExpertCentric(int64_t t, int64_t k, int64_t n)
 {
     return t >= gen::kExpertCentricMinTokens && double(t * k) >= gen::kExpertCentricMinReuse * double(n);
 }
+
+// What expert_grouped_matmul_triton(schedule="auto") runs (the hybrid is EXPERT_CENTRIC_SCHEDULE,
+// which aot.py checks), as the C ABI's schedule code (capi.SCHEDULES).
+static int32_t expertsSchedule(int64_t t, int64_t k, int64_t n)
+{
+    if (useGridRow(t, k, n))
+        return gen::kScheduleGrid;
+    return useExpertCentric(t, k, n) ? gen::kScheduleHybrid : gen::kScheduleToken;
+}
+
+// grid_row._sizes: buffer sizes of T tokens; nprog (the panel kernel's grid) for blocks of bm slots.
+struct GridSizes
+{
+    int64_t npanels, nkey1, nb, tk, nslots, nprog, gw;
+};
+
+static GridSizes gridSizes(int64_t t, int64_t k, GridGeometry const& g, int64_t bm)
+{
+    GridSizes z;
+    z.npanels = g.s * g.p;
+    z.nkey1 = z.npanels * t + 1;
+    z.nb = cdiv(z.nkey1, gen::kGrScanBlock);
+    z.tk = t * k;
+    z.nslots = std::min(z.tk, z.npanels * t);
+    int64_t workUpper = std::min(z.npanels * cdiv(t, bm), cdiv(z.nslots, bm) + z.npanels);
+    z.nprog = std::max<int64_t>(1, std::min<int64_t>(gen::kGrPrograms, workUpper));
+    z.gw = g.nch * gen::kGrChunkExperts;
+    return z;
+}
+
+// grid_row.workspace_bytes (0 when N is not a perfect square).
+static int64_t gridWorkspaceBytes(int64_t maxTokens, int64_t k, int64_t n, int64_t d)
+{
+    GridGeometry g;
+    if (!gridGeometry(n, g) || maxTokens <= 0)
+        return 0;
+    GridSizes z = gridSizes(maxTokens, k, g, 1);
+    return alignUp(z.nkey1 * 4) * 3 + alignUp(z.nb * 4) * 2 + alignUp(z.tk * 4) * 4 + alignUp(z.nslots * 4) * 2
+        + alignUp((z.npanels + 1) * 4) + alignUp(gen::kGrPrograms * gen::kGrTileRows * z.gw * 4) * 2
+        + alignUp(maxTokens * d * 4);
+}
+
+// experts.expert_workspace_bytes: the larger of the sorted-pairs schedule's and, where useGridRow
+// holds for some T <= maxTokens (then it holds at the largest such T), the grid-row schedule's.
+static int64_t expertsWorkspaceBytes(int64_t maxTokens, int64_t k, int64_t n, int64_t d)
+{
+    int64_t pairs = pairsWorkspaceBytes(maxTokens, k, n, d);
+    int64_t tGrid = std::min(maxTokens, gridMaxTokens(k, n));
+    if (!(tGrid > 0 && useGridRow(tGrid, k, n)))
+        return pairs;
+    return std::max(pairs, gridWorkspaceBytes(tGrid, k, n, d));
+}
+
+static int32_t bitLength(int64_t v)
+{
+    int32_t bits = 0;
+    for (; v > 0; v >>= 1)
+        ++bits;
+    return bits;
+}
+
+// The schedule the last experts launch of this process ran (omnimoe_native_experts_last_schedule).
+static std::atomic<int32_t> gLastExpertsSchedule{-1};
 
 static TopKVariant const* findTopK(int32_t s, int32_t k, int32_t softmax)
 {
@@ -356,6 +469,16 @@ static int32_t checkAligned(char const* op, char const* const* names, void const
             return 1;
         }
     return 0;
+}
+
+// Loads every kernel an experts variant may launch (the grid-row ones where it has them).
+static bool resolveExperts(ExpertsVariant const& v)
+{
+    for (KernelSet const* set : {&v.token, &v.tokenH, &v.histogram, &v.scanBlocks, &v.scanTop, &v.scatter, &v.tile,
+             &v.grHistogram, &v.grScanBlocks, &v.grScatter, &v.grBlocks, &v.grPanel, &v.grCast})
+        if (set->count > 0 && !resolve(*set))
+            return false;
+    return true;
 }
 
 static int32_t launchFailed(char const* op, CUresult status)
@@ -424,32 +547,91 @@ int32_t omnimoe_native_experts_launch(void const* x, void const* up, void const*
             (act >= 0 && act < gen::kNumActivations) ? gen::kActivationNames[act] : "?", gen::kVariantSummary);
         return 3;
     }
-    bool expertCentric = useExpertCentric(T, k, n);
+    int32_t schedule = expertsSchedule(T, k, n);
     char const* names[] = {"x", "up", "down", "gates", "indices", "y", "workspace"};
     void const* ptrs[] = {x, up, down, gates, indices, y, workspace};
-    if (checkAligned(op, names, ptrs, expertCentric ? 7 : 6))
+    if (checkAligned(op, names, ptrs, schedule != gen::kScheduleToken ? 7 : 6))
         return 1;
     auto p = [](void const* q) { return CUdeviceptr(reinterpret_cast<uintptr_t>(q)); };
-    if (!expertCentric)
+    if (schedule == gen::kScheduleToken)
+    {
+        gLastExpertsSchedule.store(schedule);
         return launchFailed(op, gen::launch__token_centric_kernel(v->token, uint32_t(T), stream, p(x), p(up), p(down), p(gates),
                                     p(indices), p(y), d, k, n));
+    }
+    if (schedule == gen::kScheduleGrid && v->grPanel.count == 0)
+    {
+        report("%s: the grid-row schedule applies to T=%lld, top_k=%d, N=%d but the library has no grid-row kernels "
+               "for this variant (rebuild it with `omnimoe build --plugins native`)",
+            op, (long long) T, k, n);
+        return 3;
+    }
 
-    int64_t need = expertsWorkspaceBytes(T, k, n, d);
+    int64_t need = schedule == gen::kScheduleGrid ? gridWorkspaceBytes(T, k, n, d) : pairsWorkspaceBytes(T, k, n, d);
     if (need > workspaceBytes)
     {
         report("%s: workspace of %lld bytes, needs %lld", op, (long long) workspaceBytes, (long long) need);
         return 1;
     }
-    // Hybrid schedule (experts.py): counting sort of the T*K pairs by expert, tensor-core tiles
-    // computing act(<up, x>) * gate per pair, then a token-centric sum of the down rows.
-    int64_t tk = T * k, n1 = int64_t(n) + 1, nb = cdiv(n1, gen::kScanBlock);
     char* base = static_cast<char*>(workspace);
     int64_t pos = 0;
+    // Carver.take of 4-byte elements: each buffer starts at the next kAlign boundary.
     auto take = [&](int64_t count) {
         char* at = base + pos;
         pos += alignUp(count * 4);
         return p(at);
     };
+    gLastExpertsSchedule.store(schedule);
+    if (schedule == gen::kScheduleGrid)
+    {
+        // Grid-row schedule (grid_row.launch): counting sort of the pairs by (panel, token), the
+        // work list of (panel, block of BM slots), the persistent panel kernel with fp32 atomics
+        // into y32 (y itself for fp32), then the cast to y's dtype.
+        GridGeometry g;
+        gridGeometry(n, g);
+        GridSizes z = gridSizes(T, k, g, v->grBm);
+        bool fp32 = dtype == 0;
+        int32_t s = int32_t(g.s), P = int32_t(g.p), pwr = int32_t(g.pwr), np = int32_t(z.npanels);
+        int32_t t32 = int32_t(T), tk = int32_t(z.tk), nkey1 = int32_t(z.nkey1), nb = int32_t(z.nb);
+        CUdeviceptr counts = take(z.nkey1), offsets = take(z.nkey1), slotoff = take(z.nkey1);
+        CUdeviceptr bsums = take(z.nb), bslots = take(z.nb);
+        CUdeviceptr rank = take(z.tk), scol = take(z.tk), sgate = take(z.tk), sslot = take(z.tk);
+        CUdeviceptr slotTok = take(z.nslots), slotPair = take(z.nslots);
+        CUdeviceptr blkoff = take(z.npanels + 1);
+        CUdeviceptr gscr = take(gen::kGrPrograms * gen::kGrTileRows * z.gw);
+        CUdeviceptr hscr = take(gen::kGrPrograms * gen::kGrTileRows * z.gw);
+        CUdeviceptr y32 = fp32 ? p(y) : take(T * int64_t(d));
+        CUresult status = driver().memsetD32Async(counts, 0, size_t(z.nkey1), stream);
+        if (status == CUDA_SUCCESS)
+            status = driver().memsetD32Async(y32, 0, size_t(T * int64_t(d)), stream); // 0x0 is +0.0f
+        uint32_t sortGrid = uint32_t(cdiv(z.tk, gen::kGrSortBlock));
+        if (status == CUDA_SUCCESS)
+            status = gen::launch__gr_histogram_kernel(
+                v->grHistogram, sortGrid, stream, p(indices), counts, rank, tk, k, n, s, P, pwr, t32);
+        if (status == CUDA_SUCCESS)
+            status = gen::launch__gr_scan_blocks_kernel(
+                v->grScanBlocks, uint32_t(z.nb), stream, counts, offsets, slotoff, bsums, bslots, nkey1);
+        if (status == CUDA_SUCCESS)
+            status = gen::launch__scan_top_kernel(v->scanTop, 1, stream, bsums, nb);
+        if (status == CUDA_SUCCESS)
+            status = gen::launch__scan_top_kernel(v->scanTop, 1, stream, bslots, nb);
+        if (status == CUDA_SUCCESS)
+            status = gen::launch__gr_scatter_kernel(v->grScatter, sortGrid, stream, p(indices), p(gates), rank, offsets,
+                slotoff, bsums, bslots, scol, sgate, sslot, slotTok, slotPair, tk, k, n, s, P, pwr, t32);
+        if (status == CUDA_SUCCESS)
+            status = gen::launch__gr_blocks_kernel(v->grBlocks, 1, stream, slotoff, bslots, blkoff, np, t32);
+        if (status == CUDA_SUCCESS)
+            status = gen::launch__gr_panel_kernel(v->grPanel, uint32_t(z.nprog), stream, p(x), p(up), p(down), scol,
+                sgate, sslot, slotTok, slotPair, offsets, slotoff, bsums, bslots, blkoff, gscr, hscr, y32, d, s, P, pwr,
+                np, nkey1 - 1, t32, std::max(1, bitLength(z.npanels)));
+        if (status == CUDA_SUCCESS && !fp32)
+            status = gen::launch__gr_cast_kernel(v->grCast, uint32_t(cdiv(T * int64_t(d), gen::kGrCastBlock)), stream,
+                y32, p(y), int32_t(T * int64_t(d)));
+        return launchFailed(op, status);
+    }
+    // Hybrid schedule (experts.py): counting sort of the T*K pairs by expert, tensor-core tiles
+    // computing act(<up, x>) * gate per pair, then a token-centric sum of the down rows.
+    int64_t tk = T * k, n1 = int64_t(n) + 1, nb = cdiv(n1, gen::kScanBlock);
     CUdeviceptr counts = take(n1), offsets = take(n1), blockSums = take(nb), rank = take(tk), sorted = take(tk);
     CUresult status = driver().memsetD32Async(counts, 0, size_t(n1), stream);
     uint32_t sortGrid = uint32_t(cdiv(tk, gen::kSortBlock));
@@ -482,6 +664,18 @@ int64_t omnimoe_native_experts_workspace_bytes(int64_t maxTokens, int32_t k, int
     return expertsWorkspaceBytes(maxTokens, k, n, d);
 }
 
+// The schedule omnimoe_native_experts_launch runs for T tokens (0 token-centric, 1 hybrid, 2 grid-row).
+int32_t omnimoe_native_experts_schedule(int64_t T, int32_t k, int32_t n)
+{
+    return expertsSchedule(T, k, n);
+}
+
+// The schedule the last experts launch of this process ran (-1 before any).
+int32_t omnimoe_native_experts_last_schedule()
+{
+    return gLastExpertsSchedule.load();
+}
+
 char const* omnimoe_native_last_error()
 {
     return gLastError;
@@ -506,12 +700,8 @@ int32_t omnimoe_native_prepare()
         if (!resolve(gen::kTopKVariants[i].topk))
             return 1;
     for (int32_t i = 0; i < gen::kNumExpertsVariants; ++i)
-    {
-        ExpertsVariant const& v = gen::kExpertsVariants[i];
-        for (KernelSet const* set : {&v.token, &v.tokenH, &v.histogram, &v.scanBlocks, &v.scanTop, &v.scatter, &v.tile})
-            if (!resolve(*set))
-                return 1;
-    }
+        if (!resolveExperts(gen::kExpertsVariants[i]))
+            return 1;
     return 0;
 }
 
@@ -847,12 +1037,7 @@ public:
     {
         ExpertsVariant const* v = findExperts(int32_t(in[0].dims.d[1]), int32_t(in[1].dims.d[0]),
             int32_t(in[3].dims.d[1]), dtypeCode(in[0].type), mAct);
-        if (!v)
-            return 1;
-        for (KernelSet const* set : {&v->token, &v->tokenH, &v->histogram, &v->scanBlocks, &v->scanTop, &v->scatter, &v->tile})
-            if (!resolve(*set))
-                return 1;
-        return 0;
+        return (v && resolveExperts(*v)) ? 0 : 1;
     }
     int32_t enqueue(PluginTensorDesc const* inputDesc, PluginTensorDesc const*, void const* const* inputs,
         void* const* outputs, void* workspace, cudaStream_t stream) noexcept override
