@@ -434,7 +434,14 @@ CUresult cuDeviceGetAttribute(int* v, int attr, int dev)
 CUresult cuModuleLoadData(void** module, void const* image) { *module = (void*) image; return 0; }
 CUresult cuModuleGetFunction(void** fn, void* module, char const* name) { (void) module; *fn = strdup(name); return 0; }
 CUresult cuFuncGetAttribute(int* v, int attr, void* fn) { (void) attr; (void) fn; *v = 0; return 0; }
-CUresult cuFuncSetAttribute(void* fn, int attr, int v) { (void) fn; (void) attr; (void) v; return 0; }
+/* FAKE_CUDA_OPTIN_LIMIT: refuse a dynamic shared memory opt-in (attribute 8) above it, as a GPU
+   with less shared memory per block does. */
+CUresult cuFuncSetAttribute(void* fn, int attr, int v)
+{
+    (void) fn;
+    char const* limit = getenv("FAKE_CUDA_OPTIN_LIMIT");
+    return (limit && attr == 8 && v > atoi(limit)) ? 1 : 0;
+}
 CUresult cuGetErrorString(CUresult status, char const** text) { (void) status; *text = "fake"; return 0; }
 CUresult cuMemsetD32Async(uint64_t ptr, unsigned value, size_t count, void* stream)
 {
@@ -490,7 +497,7 @@ _FAKE_HOST = textwrap.dedent(
 _PTR_NAMES = ("x", "up", "down", "gates", "indices", "y", "ws")
 
 
-def _native_launch_log(library_path, cases, tmp_path):
+def _native_launch_log(library_path, cases, tmp_path, env=None):
     """[(case events)] where an event is ("memset", (buffer, offset), count) or
     ("launch", kernel, grid, (args...)), pointers as (buffer name, byte offset)."""
     fake = tmp_path / "libcuda.so.1"
@@ -503,7 +510,7 @@ def _native_launch_log(library_path, cases, tmp_path):
     script = tmp_path / "fake_host.py"
     script.write_text(_FAKE_HOST)
     env = dict(os.environ, FAKE_CUDA_LOG=str(log), FAKE_CUDA_ARITY=arity, FAKE_CUDA_MAJOR="9", FAKE_CUDA_MINOR="0",
-               OMNIMOE_NATIVE_QUIET="1")
+               OMNIMOE_NATIVE_QUIET="1", **(env or {}))
     proc = subprocess.run([sys.executable, str(script), str(fake), str(library_path), json.dumps(cases)],
                           capture_output=True, text=True, env=env)
     assert proc.returncode == 0, proc.stderr[-2000:]
@@ -602,3 +609,22 @@ def test_native_launch_sequences_are_the_python_launchers(library, tmp_path, mon
     for log, schedule in zip(python_logs, want):
         kernels = [e[1] for e in log if e[0] == "launch"]
         assert ("_gr_panel_kernel" in kernels) == (schedule == "grid"), (schedule, kernels)
+
+
+def test_grid_schedule_falls_back_where_its_shared_memory_does_not_fit(library, tmp_path, monkeypatch):
+    """On a GPU that refuses the panel kernel's shared memory opt-in (sm_86/89/120 allow ~99 KiB per
+    block), grid-row token counts run the hybrid schedule, in the native library (from the loaded
+    kernel's own size) as in Python (grid_row.fits_device): the same launches as Python's hybrid."""
+    from omnimoe.kernels import grid_row
+    from omnimoe.kernels.experts import ACT_IDS
+
+    d, N, K = 32, 64, 6
+    cases = [dict(T=T, d=d, N=N, K=K, dtype=dtype, act=ACT_IDS["gelu"], ws=expert_workspace_bytes(T, K, N, d))
+             for T in (300, 4096) for dtype in (1, 2)]  # 16-bit: the pipelined panel kernel needs > 48 KiB
+    assert {_python_schedule(c["T"], K, N) for c in cases} == {"grid"}
+    native_events = _native_launch_log(library.path, cases, tmp_path, env={"FAKE_CUDA_OPTIN_LIMIT": str(99 * 1024)})
+    monkeypatch.setattr(grid_row, "fits_device", lambda device: False)
+    python_logs = _python_launch_log(cases, monkeypatch)
+    assert native_events == [e for log in python_logs for e in log]
+    kernels = {e[1] for e in native_events if e[0] == "launch"}
+    assert "_expert_tile_kernel" in kernels and "_gr_panel_kernel" not in kernels

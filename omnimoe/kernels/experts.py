@@ -343,7 +343,9 @@ def expert_grouped_matmul_triton(
         return out
     act = ACT_IDS[activation]
     if schedule == "auto":
-        if use_grid_row(T, K, N):
+        from . import grid_row
+
+        if use_grid_row(T, K, N) and grid_row.fits_device(dev):
             schedule = "grid"
         else:
             schedule = EXPERT_CENTRIC_SCHEDULE if use_expert_centric(T, K, N) else "token"
@@ -355,6 +357,9 @@ def expert_grouped_matmul_triton(
 
         if not grid_row.supported(T, K, N):
             raise ops.OmniMoEInputError(f"schedule 'grid' needs a perfect-square N (and int32-sized keys), got N={N}")
+        if not grid_row.fits_device(dev):
+            raise ops.OmniMoEInputError(f"schedule 'grid' needs {grid_row.GR_MIN_SHARED_BYTES // 1024} KiB of shared "
+                                        "memory per block, more than this GPU has")
         grid_row.launch(x, up, down, gates, indices, out, workspace, act)
         return out
     if schedule not in ("expert", "hybrid"):

@@ -54,6 +54,20 @@ _CAST_BLOCK = 4096
 _BLOCKS_BLOCK = 1024
 
 
+# Shared memory the 16-bit panel kernel needs per block (144 KiB on sm_80, 192 KiB on sm_90):
+# GPUs that allow less (sm_86/89/120: ~99 KiB) run the hybrid schedule instead.
+GR_MIN_SHARED_BYTES = 144 * 1024
+
+
+def fits_device(device) -> bool:
+    """Whether the panel kernel's shared memory fits `device` (the CPU interpreter has no limit).
+    The native plugins decide the same from the compiled kernel's exact size at load time."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return True
+    return torch.cuda.get_device_properties(device).shared_memory_per_block_optin >= GR_MIN_SHARED_BYTES
+
+
 def grid_side(N: int) -> int | None:
     """s when N = s*s, else None (the schedule needs the product-key grid)."""
     s = math.isqrt(int(N))

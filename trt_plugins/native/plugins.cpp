@@ -229,6 +229,7 @@ struct LoadedFunction
 {
     CUfunction fn;
     KernelImage const* image;
+    bool fits; // its shared memory fits this GPU (the driver accepted the opt-in)
 };
 
 static std::mutex gModulesMutex;
@@ -264,14 +265,17 @@ static LoadedFunction const* resolve(KernelSet const& set)
             errorName(status));
         return nullptr;
     }
+    bool fits = true;
     if (image->shared > 49152)
     {
-        // As triton's own launcher does: opt in to more than 48 KiB of dynamic shared memory.
+        // As triton's own launcher does: opt in to more than 48 KiB of dynamic shared memory. A GPU
+        // that allows less (sm_86/89/120 allow ~99 KiB) refuses; the caller picks another schedule.
         int staticShared = 0;
         d.funcGetAttribute(&staticShared, CU_FUNC_ATTRIBUTE_SHARED_SIZE_BYTES, fn);
-        d.funcSetAttribute(fn, CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, int(image->shared) - staticShared);
+        fits = d.funcSetAttribute(fn, CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, int(image->shared) - staticShared)
+            == CUDA_SUCCESS;
     }
-    return &gFunctions.emplace(key, LoadedFunction{fn, image}).first->second;
+    return &gFunctions.emplace(key, LoadedFunction{fn, image, fits}).first->second;
 }
 
 // Called by the generated launch wrappers: args in the kernel's parameter order; triton's scratch
@@ -548,6 +552,13 @@ int32_t omnimoe_native_experts_launch(void const* x, void const* up, void const*
         return 3;
     }
     int32_t schedule = expertsSchedule(T, k, n);
+    if (schedule == gen::kScheduleGrid && v->grPanel.count > 0)
+    {
+        // As grid_row.fits_device: where the panel kernel's shared memory does not fit, the hybrid.
+        LoadedFunction const* panel = resolve(v->grPanel);
+        if (panel && !panel->fits)
+            schedule = gen::kScheduleHybrid;
+    }
     char const* names[] = {"x", "up", "down", "gates", "indices", "y", "workspace"};
     void const* ptrs[] = {x, up, down, gates, indices, y, workspace};
     if (checkAligned(op, names, ptrs, schedule != gen::kScheduleToken ? 7 : 6))
