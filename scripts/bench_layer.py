@@ -415,6 +415,8 @@ def main() -> int:
     ap.add_argument("--ort-worker", help=argparse.SUPPRESS)
     ap.add_argument("--ort-cache", help=argparse.SUPPRESS)
     ap.add_argument("--no-ort", action="store_true", help="skip the ONNX Runtime CUDA-provider rows")
+    ap.add_argument("--ort-only", action="store_true",
+                    help="with --append: measure only the ONNX Runtime rows, into the configs' existing rows")
     ap.add_argument("--first-call-only", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--timeout", type=float, default=240.0, help="seconds per config subprocess")
     args = ap.parse_args()
@@ -427,11 +429,14 @@ def main() -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     names = args.configs.split(",")
-    kept, commands = [], []
+    kept, commands, previous_rows = [], [], {}
     if args.append and (out / "h200.json").is_file():
         previous = json.loads((out / "h200.json").read_text())
         kept = [r for r in previous["results"] if r["name"] not in names]
+        previous_rows = {r["name"]: r for r in previous["results"]}
         commands = previous["meta"].get("commands", [previous["meta"].get("command")])
+    if args.ort_only and (args.no_ort or not all(n in previous_rows for n in names)):
+        ap.error("--ort-only needs --append and rows for every config in <out>/h200.json (and no --no-ort)")
     results = []
     ort_cache = tempfile.mkdtemp(prefix="ort-models-")
     for name in names:
@@ -440,13 +445,16 @@ def main() -> int:
         env = dict(os.environ, TRITON_CACHE_DIR=tempfile.mkdtemp(prefix=f"triton-{name}-"))
         cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", name, "--iters", str(args.iters)]
         t0 = time.time()
-        try:
-            cold = _run_worker(cmd + ["--first-call-only"], env, args.timeout)
-            r = _run_worker(cmd, env, args.timeout) if "error" not in cold else cold
-            if "error" not in r:
-                r["first_call_cold_s"] = cold["first_call_s"]
-        except subprocess.TimeoutExpired:
-            r = {"name": name, "error": f"timed out after {args.timeout}s"}
+        if args.ort_only:
+            r = previous_rows[name]
+        else:
+            try:
+                cold = _run_worker(cmd + ["--first-call-only"], env, args.timeout)
+                r = _run_worker(cmd, env, args.timeout) if "error" not in cold else cold
+                if "error" not in r:
+                    r["first_call_cold_s"] = cold["first_call_s"]
+            except subprocess.TimeoutExpired:
+                r = {"name": name, "error": f"timed out after {args.timeout}s"}
         if name in ORT_CONFIGS and not args.no_ort and "error" not in r:
             ort_cmd = [sys.executable, str(Path(__file__).resolve()), "--ort-worker", name, "--iters", str(args.iters),
                        "--ort-cache", ort_cache]
@@ -455,7 +463,7 @@ def main() -> int:
             except subprocess.TimeoutExpired:
                 o = {"error": f"timed out after {args.timeout}s"}
             r["ort_cuda"] = {"skipped": o["error"]} if "error" in o else o
-        r["wall_s"] = time.time() - t0
+        r["ort_wall_s" if args.ort_only else "wall_s"] = time.time() - t0
         print(json.dumps(r), flush=True)
         results.append(r)
         _write(out, _ordered(kept + results), args, commands)  # after every config: a killed run keeps its rows
