@@ -235,7 +235,7 @@ def pairs_workspace_bytes(max_tokens: int, top_k: int, num_experts: int, hidden_
 # GRID_ROW_MIN_TOKENS tokens and EXPERT_CENTRIC_MIN_REUSE pairs per expert on (OmniMoELayer still
 # runs the dense GEMMs from DENSE_MIN_DENSITY; the TensorRT plugins have no dense). Measured on the H200
 # (scripts/bench_schedules.py, product-key routing, T=4096, d=1024, N=102400, bf16, experts only;
-# notes/grid_row.md): K=512 grid 1.86 ms vs hybrid 2.34 / dense 2.43; K=1024 grid 2.85 vs hybrid
+# benchmarks/schedules-h200.json): K=512 grid 1.86 ms vs hybrid 2.34 / dense 2.43; K=1024 grid 2.85 vs hybrid
 # 4.66 / dense 2.54; K=2048 grid 4.08 vs hybrid 9.29 / dense 2.82; K=4096 grid 5.80 vs hybrid 18.5 /
 # dense 3.42 (its cost grows with the grid rows per token, dense's does not).
 GRID_ROW_MIN_TOKENS = 256
