@@ -11,9 +11,6 @@ GPU (`-m gpu`): real sizes, bf16 vs PEER-style arithmetic, fp32, graph capture, 
 from __future__ import annotations
 
 import contextlib
-import json
-import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -24,6 +21,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from interpreter import interpret, report, run_cases  # noqa: E402
 from omnimoe import ops  # noqa: E402
 from omnimoe.errors import OmniMoEInputError  # noqa: E402
 
@@ -164,25 +162,8 @@ def test_schedule_choice():
     assert ke.expert_workspace_bytes(255, 8000, 102400, 64) < gr.workspace_bytes(255, 8000, 102400, 64)
 
 
-def _run_cases(cases):
-    results = {}
-    for name, fn in cases.items():
-        try:
-            fn()
-            results[name] = "ok"
-        except Exception as e:  # reported per case by test_interpreter
-            results[name] = f"{type(e).__name__}: {e}"[:2000]
-    return results
-
-
 def _interpret(extra_args=()):
-    env = dict(os.environ, TRITON_INTERPRET="1", CUDA_VISIBLE_DEVICES="", TRITON_DEFAULT_FP_FUSION="1",
-               PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
-    p = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--interpret", *extra_args], env=env, cwd=ROOT,
-                       capture_output=True, text=True, timeout=900)
-    lines = [l for l in p.stdout.splitlines() if l.startswith("RESULTS ")]
-    assert p.returncode == 0 and lines, f"interpreter subprocess failed:\n{p.stdout[-3000:]}\n{p.stderr[-3000:]}"
-    return json.loads(lines[-1][len("RESULTS "):])
+    return interpret(__file__, extra_args, {"TRITON_DEFAULT_FP_FUSION": "1"})
 
 
 @pytest.fixture(scope="module")
@@ -351,8 +332,8 @@ if __name__ == "__main__" and "--interpret" in sys.argv:
 
             importlib.reload(_gr)
             _mutated(mutation)
-            results[mutation] = _run_cases({case: INTERP_CASES[case]})[case]
+            results[mutation] = run_cases({case: INTERP_CASES[case]})[case]
         importlib.reload(_gr)
     else:
-        results = _run_cases(INTERP_CASES)
-    print("RESULTS " + json.dumps(results), flush=True)
+        results = run_cases(INTERP_CASES)
+    report(results)

@@ -7,9 +7,7 @@ CUDA-graph capture of the whole layer, and the allocation-free / sync-free launc
 """
 from __future__ import annotations
 
-import json
 import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -20,6 +18,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from interpreter import interpret, report, run_cases  # noqa: E402
 from omnimoe import ops  # noqa: E402
 from omnimoe.errors import OmniMoEInputError  # noqa: E402
 
@@ -314,13 +313,7 @@ INTERP_CASES = {
 
 @pytest.fixture(scope="module")
 def interp_results():
-    env = dict(os.environ, TRITON_INTERPRET="1", CUDA_VISIBLE_DEVICES="",
-               PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
-    p = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--interpret"], env=env, cwd=ROOT,
-                       capture_output=True, text=True, timeout=900)
-    lines = [l for l in p.stdout.splitlines() if l.startswith("RESULTS ")]
-    assert p.returncode == 0 and lines, f"interpreter subprocess failed:\n{p.stdout[-3000:]}\n{p.stderr[-3000:]}"
-    return json.loads(lines[-1][len("RESULTS "):])
+    return interpret(__file__)
 
 
 @pytest.mark.parametrize("case", list(INTERP_CASES))
@@ -589,11 +582,4 @@ def test_gpu_layer_matches_reference_and_graph_replays(N, K, T):
 
 
 if __name__ == "__main__" and "--interpret" in sys.argv:
-    results = {}
-    for name, fn in INTERP_CASES.items():
-        try:
-            fn()
-            results[name] = "ok"
-        except Exception as e:  # reported per case by test_interpreter
-            results[name] = f"{type(e).__name__}: {e}"[:2000]
-    print("RESULTS " + json.dumps(results), flush=True)
+    report(run_cases(INTERP_CASES))
