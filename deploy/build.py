@@ -680,13 +680,8 @@ def _build(trt, model_path, model, plan: _BuildPlan):
     configs = []  # the config polygraphy created, for the timing cache afterwards
 
     def build(monitor=None):
-        # polygraphy's own log lines stay quiet; its failure becomes our one-line message.
-        with G_LOGGER.verbosity(G_LOGGER.CRITICAL + 1):
-            return _build_quietly(monitor)
-
-    def _build_quietly(monitor):
         lowered = not plan.strongly_typed
-        create = pg_trt.CreateConfig(
+        config_args = dict(
             fp16=lowered and engine_precision == "fp16",
             bf16=lowered and engine_precision == "bf16",
             profiles=polygraphy_profiles(pg_trt, all_shapes) or None,
@@ -696,14 +691,16 @@ def _build(trt, model_path, model, plan: _BuildPlan):
         )
 
         def config_for(builder, network):
-            config = create(builder, network)
+            config = pg_trt.CreateConfig(**config_args)(builder, network)
             if cache_path is not None:
                 _set_timing_cache(config, cache_path)
             configs.append(config)
             return config
 
         try:
-            return pg_trt.engine_bytes_from_network((parsed.builder, parsed.network), config=config_for)
+            # polygraphy's own log lines stay quiet; its failure becomes our one-line message.
+            with G_LOGGER.verbosity(G_LOGGER.CRITICAL + 1):
+                return pg_trt.engine_bytes_from_network((parsed.builder, parsed.network), config=config_for)
         except PolygraphyException as e:
             detail = parsed.logger.errors[-1] if parsed.logger.errors else str(e)
             raise OmniMoEInputError(
