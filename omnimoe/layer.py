@@ -210,9 +210,10 @@ class OmniMoELayer(nn.Module):
         return (self._backend == "triton" and not self.training and not torch.is_grad_enabled()
                 and not ops._exporting())
 
-    def _route_fast(self, x2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def _route_fast(self, x2: torch.Tensor, sort: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
         """Router GEMM (both axes) + for K <= 64 one Triton launch for batch-norm, log-softmax,
-        top-K and gates; larger K keeps addcmul + log-softmax + product_key_topk_triton."""
+        top-K and gates; larger K keeps addcmul + log-softmax + product_key_topk_triton
+        (sort=False: each token's K pairs in no particular order, for the routed sum)."""
         from .kernels import router as kr
 
         cfg = self.config
@@ -225,7 +226,7 @@ class OmniMoELayer(nn.Module):
             else:
                 logits = logits.float()
             log_probs = torch.log_softmax(logits.view(T, 2, s), dim=-1)
-            return kr.product_key_topk_triton(log_probs[:, 0], log_probs[:, 1], K, cfg.gate)
+            return kr.product_key_topk_triton(log_probs[:, 0], log_probs[:, 1], K, cfg.gate, sort=sort)
         gates = torch.empty((T, K), dtype=torch.float32, device=x2.device)
         indices = torch.empty((T, K), dtype=torch.int32, device=x2.device)
         scale, shift = norm_affine if norm_affine is not None else (None, None)
@@ -329,7 +330,7 @@ class OmniMoELayer(nn.Module):
             main = torch.cuda.current_stream(x2.device)
             side.wait_stream(main)
         with torch.cuda.stream(side) if side is not None else contextlib.nullcontext():
-            gates, indices = self._route_fast(x2)
+            gates, indices = self._route_fast(x2, sort=False)  # the routed sum ignores their order
             if dense:
                 ke._dense_launch(x2, up, down, gates, indices, act, y)
             elif token:

@@ -60,6 +60,21 @@ def _routing(kind, T, N, K, dev):
     return ops.product_key_topk_reference(px, py, K, "product")
 
 
+def _panels_per_token(idx, s, P, pwr) -> float:
+    """Mean panels per token the grid schedule multiplies: each pair in its row panel or its column
+    panel, whichever holds more of the token's pairs (grid_row._gr_key; rows on ties)."""
+    import torch
+
+    i, j = idx // s, idx % s
+    row_key, col_key = i * P + j // pwr, s * P + j * P + i // pwr
+    counts = torch.zeros(idx.shape[0], 2 * s * P, dtype=torch.int32, device=idx.device)
+    one = torch.ones_like(row_key, dtype=torch.int32)
+    counts.scatter_add_(1, row_key, one).scatter_add_(1, col_key, one)
+    key = torch.where(counts.gather(1, row_key) >= counts.gather(1, col_key), row_key, col_key)
+    used = torch.zeros_like(counts).scatter_(1, key, 1)
+    return float(used.sum(1).float().mean())
+
+
 def _set_grid(spec):
     from omnimoe.kernels import grid_row as gr
 
@@ -86,7 +101,8 @@ def run(name, iters, schedules, grid_variants, routing, fp32_check):
     s, P, pwr, _ = gr.panel_geometry(N)
     rows = (idx.long() // s).sort(1).values
     res["rows_per_token"] = float(((rows[:, 1:] != rows[:, :-1]).sum(1) + 1).float().mean())
-    res["grid_gflop"] = 4 * T * res["rows_per_token"] * s * d / 1e9
+    res["panels_per_token"] = _panels_per_token(idx.long(), s, P, pwr)
+    res["grid_gflop"] = 4 * T * res["panels_per_token"] * pwr * d / 1e9
     sub = slice(0, 128)
     up32, down32 = up.float(), down.float()
     y32 = ops.expert_grouped_matmul_reference(x[sub].float(), up32, down32, gates[sub], idx[sub], "silu")
@@ -180,7 +196,7 @@ def main() -> int:
     for r in out:
         ms = "  ".join(f"{k[:-3]}={r[k]:.3f}" for k in r if k.endswith("_ms"))
         err = "  ".join(f"{k[:-len('_rel_err_vs_fp32')]}={r[k]:.2e}" for k in r if k.endswith("_rel_err_vs_fp32"))
-        print(f"{r['name']} R={r['rows_per_token']:.0f}: {ms}\n    err: {err}")
+        print(f"{r['name']} rows={r['rows_per_token']:.0f} panels={r['panels_per_token']:.1f}: {ms}\n    err: {err}")
     return 0
 
 

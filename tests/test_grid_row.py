@@ -30,13 +30,25 @@ def rel_err(y, yr):
     return float((y.double() - yr.double()).norm() / yr.double().norm().clamp_min(1e-30))
 
 
-def _inputs(T, d, N, K, seed, dtype=torch.float32, device="cpu", bad_ids=True):
+def _inputs(T, d, N, K, seed, dtype=torch.float32, device="cpu", bad_ids=True, ids="uniform"):
     gen = torch.Generator().manual_seed(seed)
     x = torch.randn(T, d, generator=gen)
     up = torch.randn(N, d, generator=gen) * d**-0.5
     down = torch.randn(N, d, generator=gen) * d**-0.5
     g = torch.rand(T, K, generator=gen)
     idx = torch.randint(0, N, (T, K), generator=gen)
+    s = int(round(N**0.5))
+    if ids == "columns":
+        # Two thirds of each token's pairs in one grid column (distinct rows): column panels.
+        n = min(2 * K // 3, s)
+        col = torch.randint(0, s, (T, 1), generator=gen)
+        rows = torch.argsort(torch.rand(T, s, generator=gen), dim=1)[:, :n]
+        idx[:, K - n:] = rows * s + col
+    elif ids == "product":
+        # Product-key routing: each token's staircase of top rows and top columns (both panel kinds).
+        px = torch.log_softmax(torch.randn(T, s, generator=gen), -1)
+        py = torch.log_softmax(torch.randn(T, s, generator=gen), -1)
+        g, idx = ops.product_key_topk_reference(px, py, K, "product")
     if bad_ids and K >= 3 and T >= 3:
         idx[:, 1] = idx[:, 0]  # duplicates in every token: their terms add
         idx[0, 2] = N  # out of range: nothing
@@ -71,12 +83,13 @@ SMALL = dict(GR_BC=16, _MAX_CHUNKS=2, GR_BM=16, GR_FP32_BM=16, GR_PROGRAMS=3, GR
              GR_SCAN_BLOCK=64)
 
 
-def _grid_case(T, d, N, K, act="silu", dtype=torch.float32, prealloc=True, seed=0, consts=SMALL, auto=False):
+def _grid_case(T, d, N, K, act="silu", dtype=torch.float32, prealloc=True, seed=0, consts=SMALL, auto=False,
+               ids="uniform"):
     from omnimoe.kernels import expert_workspace_bytes
     from omnimoe.kernels.experts import expert_grouped_matmul_triton
 
     with _consts(**consts) as gr:
-        x, up, down, g, idx = _inputs(T, d, N, K, seed, dtype)
+        x, up, down, g, idx = _inputs(T, d, N, K, seed, dtype, ids=ids)
         kw = {}
         if prealloc:
             # "auto" sizes from expert_workspace_bytes; an explicit "grid" needs the schedule's own size.
@@ -127,6 +140,10 @@ INTERP_CASES = {
     "panels_chunks_fp32": lambda: _grid_case(37, 24, 81 * 81, 40),
     "panels_chunks_one_program": lambda: _grid_case(37, 24, 81 * 81, 40, consts=dict(SMALL, GR_PROGRAMS=1), seed=1),
     "panels_chunks_fp16": lambda: _grid_case(37, 24, 81 * 81, 40, dtype=torch.float16, seed=2),
+    # Most pairs of a token in one column: column panels (3 parts per column, ragged last chunk).
+    "column_panels_fp32": lambda: _grid_case(37, 24, 81 * 81, 60, ids="columns", seed=10),
+    # Product-key routing: top rows and top columns of each token's staircase, both panel kinds.
+    "product_routing_fp16": lambda: _grid_case(41, 24, 40 * 40, 90, dtype=torch.float16, ids="product", seed=11),
     "one_panel_per_row_fp16": lambda: _grid_case(37, 24, 30 * 30, 40, dtype=torch.float16, seed=3),
     # Dense routing in few rows: many slots per panel (several blocks each), d not a tile multiple.
     "dense_rows_gelu": lambda: _grid_case(50, 20, 100, 60, act="gelu", seed=4),
@@ -145,9 +162,9 @@ def test_schedule_choice():
 
     for K in (512, 1024, 2048, 4096):  # paper configs: the op's auto runs grid rows, never the hybrid
         assert ke.use_grid_row(4096, K, 102400) and ke.use_expert_centric(4096, K, 102400)
-    # The layer: grid rows at K=512 (measured faster than dense and hybrid), dense GEMMs from K/N = 1/128.
-    assert not ke.use_dense(4096, 512, 102400) and ke.use_dense(4096, 800, 102400) and not ke.use_dense(4096, 799, 102400)
-    assert ke.use_dense(4096, 2048, 102400) and ke.use_dense(4096, 4096, 102400)
+    # The layer: grid lines up to K=2048 (measured faster than dense and hybrid), dense GEMMs from K/N = 1/32.
+    assert not ke.use_dense(4096, 512, 102400) and ke.use_dense(4096, 3200, 102400) and not ke.use_dense(4096, 3199, 102400)
+    assert not ke.use_dense(4096, 2048, 102400) and ke.use_dense(4096, 4096, 102400)
     assert ke.use_grid_row(256, 8000, 102400) and not ke.use_grid_row(255, 8000, 102400)  # token floor
     assert ke.use_grid_row(4096, 500, 102400) and not ke.use_grid_row(4096, 499, 102400)  # 20 pairs per expert
     assert not ke.use_grid_row(4096, 16, 4096)  # readme: token-centric
@@ -182,6 +199,8 @@ MUTATIONS = {
     "skip_last_block": "dense_rows_gelu",  # last (ragged) block of each panel dropped
     "drop_last_chunk": "panels_chunks_fp32",  # the second chunk of every panel ignored
     "keep_out_of_range": "panels_chunks_fp32",  # out-of-range ids clamped into the grid
+    "columns_as_rows": "column_panels_fp32",  # column panels read as rows (unit stride)
+    "all_to_rows_keys_only": "product_routing_fp16",  # histogram keys by rows, scatter by the choice
 }
 
 
@@ -209,12 +228,17 @@ def _mutated(name):
         gr.panel_config = lambda N, fp32, act: dict(orig(N, fp32, act), NCH=max(1, orig(N, fp32, act)["NCH"] - 1))
         return None
     if name == "keep_out_of_range":
-        src = _src(gr, "_gr_histogram_kernel").replace("valid = m & (e >= 0) & (e < N)", "valid = m")
-        src = src.replace("e = tl.where(valid, e, 0)", "e = tl.minimum(tl.maximum(e, 0), N - 1)")
-        _rejit(gr, "_gr_histogram_kernel", src)
-        src = _src(gr, "_gr_scatter_kernel").replace("m = m & (e >= 0) & (e < N)\n    e = tl.where(m, e, 0)",
-                                                "e = tl.minimum(tl.maximum(e, 0), N - 1)")
-        return _rejit(gr, "_gr_scatter_kernel", src)
+        src = _src(gr, "_gr_pair").replace("valid = m & (e >= 0) & (e < N)", "valid = m")
+        src = src.replace("tl.where(valid, e, 0)", "tl.minimum(tl.maximum(e, 0), N - 1)")
+        return _rejit(gr, "_gr_pair", src)
+    if name == "columns_as_rows":
+        return _rejit(gr, "_gr_panel_kernel", _src(gr, "_gr_panel_kernel").replace(
+            "estride = tl.where(is_col, S, 1)", "estride = 1"))
+    if name == "all_to_rows_keys_only":
+        src = _src(gr, "_gr_histogram_kernel").replace(
+            "key, _ = _gr_key(e, offs // K, valid, lcounts_ptr, S, P, PWR, T)",
+            "key, _, _, _ = _gr_line_keys(e, offs // K, S, P, PWR, T)")
+        return _rejit(gr, "_gr_histogram_kernel", src)
     raise KeyError(name)
     del triton, tl
 

@@ -74,7 +74,7 @@ def _expert_inputs(T, d, N, K, gen, dtype=torch.float32, device="cpu", dups=Fals
 
 
 # ------------------------------------------------------------------ interpreter cases (CPU, fp32)
-def _router_case(T, s, K, gate, ties=False, prealloc=False, strided=False, seed=0, path="small"):
+def _router_case(T, s, K, gate, ties=False, prealloc=False, strided=False, seed=0, path="small", sort=True):
     from omnimoe.kernels import router
 
     # Both router kernels are exercised at tiny K: "large" disables the register-only path (for
@@ -82,12 +82,24 @@ def _router_case(T, s, K, gate, ties=False, prealloc=False, strided=False, seed=
     default = router.SMALL_K_MAX
     router.SMALL_K_MAX = default if path == "small" else 0
     try:
-        _router_case_body(T, s, K, gate, ties, prealloc, strided, seed)
+        _router_case_body(T, s, K, gate, ties, prealloc, strided, seed, sort)
     finally:
         router.SMALL_K_MAX = default
 
 
-def _router_case_body(T, s, K, gate, ties, prealloc, strided, seed):
+def _reference_order(px, py, g, i):
+    """sort=False outputs (the same pairs in any order) in the reference's order: score
+    px[e // s] + py[e % s] descending, expert ascending."""
+    s = px.shape[1]
+    by_expert = torch.argsort(i, dim=1, stable=True)
+    g, i = g.gather(1, by_expert), i.gather(1, by_expert)
+    e = i.long()
+    score = px.gather(1, e // s) + py.gather(1, e % s)
+    by_score = torch.argsort(-score, dim=1, stable=True)
+    return g.gather(1, by_score), i.gather(1, by_score)
+
+
+def _router_case_body(T, s, K, gate, ties, prealloc, strided, seed, sort=True):
     from omnimoe.kernels import product_key_topk_triton, topk_workspace_bytes
 
     gen = torch.Generator().manual_seed(seed)
@@ -99,9 +111,11 @@ def _router_case_body(T, s, K, gate, ties, prealloc, strided, seed):
     if prealloc:
         kw = dict(gates_out=torch.empty(T, K), indices_out=torch.empty(T, K, dtype=torch.int32),
                   workspace=torch.empty(topk_workspace_bytes(T, s, K), dtype=torch.uint8))
-    g, i = product_key_topk_triton(px, py, K, gate, **kw)
+    g, i = product_key_topk_triton(px, py, K, gate, sort=sort, **kw)
     if prealloc:
         assert g.data_ptr() == kw["gates_out"].data_ptr() and i.data_ptr() == kw["indices_out"].data_ptr()
+    if not sort:
+        g, i = _reference_order(px, py, g, i)
     gr, ir = ops.product_key_topk_reference(px, py, K, gate)
     assert_topk_matches(px, py, K, gate, g, i, gr, ir)
 
@@ -270,6 +284,10 @@ _LANE_CASES = {
     "router_lanes_k_square_plus_1_ties": lambda: _router_case(5, 12, 65, "product", ties=True, seed=32, path="large"),
     "router_lanes_long_columns": lambda: _router_case(4, 16, 66, "product", seed=33, path="large"),
     "router_lanes_ties_k_lt_s": lambda: _router_case(5, 20, 13, "softmax", ties=True, seed=34, path="large"),
+    # sort=False (the layer's routed sum): the same pairs and gates, unordered.
+    "router_unsorted_product": lambda: _router_case(4, 12, 70, "product", seed=35, path="large", sort=False),
+    "router_unsorted_softmax_ties": lambda: _router_case(5, 9, 40, "softmax", ties=True, seed=36, path="large",
+                                                         sort=False),
 }
 
 INTERP_CASES = {
@@ -330,7 +348,7 @@ def test_schedule_choice():
     assert use_expert_centric(4096, 512, 102400)  # paper configs: ~20 tokens per expert
     from omnimoe.kernels.experts import use_dense
 
-    assert not use_dense(4096, 512, 102400) and use_dense(4096, 2048, 102400) and use_dense(4096, 4096, 102400)
+    assert not use_dense(4096, 512, 102400) and not use_dense(4096, 2048, 102400) and use_dense(4096, 4096, 102400)
     assert not use_dense(4096, 16, 4096) and not use_dense(64, 4096, 102400)
 
 
@@ -359,9 +377,12 @@ def test_gpu_router(s, K, gate):
 
     gen = torch.Generator().manual_seed(s * 7 + K)
     px, py = _rand_log_probs(300, s, gen, device="cuda")
-    g, i = product_key_topk_triton(px, py, K, gate)
     gr, ir = ops.product_key_topk_reference(px, py, K, gate)
-    assert_topk_matches(px.cpu(), py.cpu(), K, gate, g.cpu(), i.cpu(), gr.cpu(), ir.cpu())
+    for sort in (True, False):  # sort=False: the layer's unordered routed sum
+        g, i = product_key_topk_triton(px, py, K, gate, sort=sort)
+        if not sort:
+            g, i = _reference_order(px, py, g, i)
+        assert_topk_matches(px.cpu(), py.cpu(), K, gate, g.cpu(), i.cpu(), gr.cpu(), ir.cpu())
 
 
 @pytest.mark.gpu

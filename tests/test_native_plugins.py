@@ -163,7 +163,7 @@ def test_grid_kernels_are_compiled_where_auto_can_pick_the_grid_schedule():
             if not native.aot.grid_reachable(K, N):
                 assert not grid
                 continue
-            assert grid == {"gr_histogram", "gr_scan_blocks", "gr_scatter", "gr_blocks", "gr_panel"} | (
+            assert grid == {"gr_line_count", "gr_histogram", "gr_scan_blocks", "gr_scatter", "gr_blocks", "gr_panel"} | (
                 set() if dtype == "fp32" else {"gr_cast"})
             # The panel kernel as grid_row.launch runs it: constexprs, warps and stages of panel_config.
             cfg = dict(grid_row.panel_config(N, dtype == "fp32", 0))

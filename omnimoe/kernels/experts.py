@@ -231,13 +231,13 @@ def pairs_workspace_bytes(max_tokens: int, top_k: int, num_experts: int, hidden_
     )
 
 
-# Grid-row schedule (grid_row.py) for perfect-square N: "auto" runs it instead of the hybrid from
+# Grid-line schedule (grid_row.py) for perfect-square N: "auto" runs it instead of the hybrid from
 # GRID_ROW_MIN_TOKENS tokens and EXPERT_CENTRIC_MIN_REUSE pairs per expert on (OmniMoELayer still
 # runs the dense GEMMs from DENSE_MIN_DENSITY; the TensorRT plugins have no dense). Measured on the H200
-# (scripts/bench_schedules.py, product-key routing, T=4096, d=1024, N=102400, bf16, experts only;
-# benchmarks/schedules-h200.json): K=512 grid 1.86 ms vs hybrid 2.34 / dense 2.43; K=1024 grid 2.85 vs hybrid
-# 4.66 / dense 2.54; K=2048 grid 4.08 vs hybrid 9.29 / dense 2.82; K=4096 grid 5.80 vs hybrid 18.5 /
-# dense 3.42 (its cost grows with the grid rows per token, dense's does not).
+# (scripts/bench_schedules.py, product-key routing, T=4096, d=1024, N=102400, bf16, experts only, eager
+# launches; benchmarks/schedules-h200.json): grid 1.14 / 1.47 / 2.39 / 3.69 ms at K = 512 / 1024 / 2048 /
+# 4096 against dense 2.43 / 2.54 / 2.81 / 3.40 and hybrid 2.34 / 4.66 / 9.29 / 18.5 (the grid's cost
+# grows with the panels per token, dense's does not).
 GRID_ROW_MIN_TOKENS = 256
 
 
@@ -408,9 +408,9 @@ def expert_grouped_matmul_triton(
 # Token chunks keep each [t, N] buffer (S and H) at most this many elements.
 _DENSE_CHUNK_ELEMENTS = 1 << 29
 # OmniMoELayer's inference takes the dense schedule from this density K/N and token count on.
-# 1/128: dense's cost hardly depends on K, the grid-row one's grows with K (H200, N=102400, T=4096:
-# K=512 dense 2.43 ms vs grid 1.86; K=1024 dense 2.54 vs grid 2.85).
-DENSE_MIN_DENSITY = 1.0 / 128
+# 1/32: dense's cost hardly depends on K, the grid-line one's grows with K (H200, N=102400, T=4096,
+# whole layer under a CUDA graph: K=2048 grid 2.80 ms vs dense 3.13; K=4096 dense 3.36 vs grid 4.07).
+DENSE_MIN_DENSITY = 1.0 / 32
 DENSE_MIN_TOKENS = 256
 
 

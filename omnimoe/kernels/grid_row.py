@@ -1,25 +1,32 @@
-"""Grid-row ("panel") schedule of the routed experts for product-key routing (issue 11).
+"""Grid-line ("panel") schedule of the routed experts for product-key routing (issue 11).
 
-Expert e = i*s + j sits in row i, column j of the s x s product-key grid. A token's K experts fall
-in few grid rows (R ~ 80 / 162 / 212 of 320 rows at K = 512 / 2048 / 4096 with the benchmark's
-routing), so instead of moving one up and one down row per (token, expert) pair, or multiplying
-by every expert (dense), each row panel is multiplied as a whole by the tokens that use it:
+Expert e = i*s + j sits in row i, column j of the s x s product-key grid. A token's K experts form
+a staircase in its rank space (x rank a, y rank b, roughly (a+1)(b+1) <= K): its top rows hold many
+of its experts, and so do its top columns. A panel is one grid line, row or column:
 
-  panel p = (row i, part q): experts i*s + q*PWR .. i*s + min(s, (q+1)*PWR) - 1 (P parts per row,
-  PWR = ceil(s / P) columns each, P = 1 when s <= _MAX_CHUNKS * BC).
-  slots of p = the distinct tokens with at least one pair in p (a counting sort of the T*K pairs by
-  key p*T + t, with the slots compacted by a second scan).
+  row panel (i, q):    experts i*s + q*PWR + k        (k < PWR: part q of row i)
+  column panel (j, q): experts (q*PWR + k)*s + j      (part q of column j)
+  (P parts per line of PWR = ceil(s / P) experts, P = 1 when s <= _MAX_CHUNKS * BC).
+
+Each pair (t, e) goes to its row panel or its column panel: whichever holds more of token t's
+pairs (row on ties), so a token's staircase is covered by its few top rows and top columns
+(benchmark routing, s = 320: ~21 / 46 / 68 panels per token at K = 512 / 2048 / 4096, against
+~80 / 162 / 212 rows with row panels only). The pairs are counting-sorted by (panel, token):
+
+  line counts: pairs of each token per row panel and per column panel (atomics);
+  slots of p = the distinct tokens with at least one pair assigned to p (a counting sort of the
+  T*K pairs by key p*T + t, with the slots compacted by a second scan).
   per (panel p, block of BM slots):  S = X_slots U_p^T (tensor cores, fp32 accumulators),
   H = act(S) o G (G = the slots' gates in p, duplicated ids add), Y[slot tokens] += H V_p (fp32
   atomics into a [T, d] fp32 accumulator), then one cast to x's dtype.
 
-FLOPs ~ 4*T*R*s*d (vs 4*T*N*d dense) and no per-pair row traffic: pairs only carry a column and
-a gate. G is built per block in a per-program fp32 scratch tile (zeroed, gates scattered with
-atomics, read back after a barrier); S is computed one BC-chunk of the panel at a time and
-H = act(S) o G stored to a per-program H tile, which the second product reads back (fp32
-accumulators in registers for whole panels spilled on sm_90; measured slower). The main kernel is
-persistent: a fixed number of programs walks the scanned list of (panel, block) work items.
-Everything is sized from T, K, N and d.
+FLOPs ~ 4*T*L*s*d for L panels per token (vs 4*T*N*d dense) and no per-pair row traffic: pairs
+only carry a position and a gate. G is built per block in a per-program fp32 scratch tile
+(zeroed, gates scattered with atomics, read back after a barrier); S is computed one BC-chunk of
+the panel at a time and H = act(S) o G stored to a per-program H tile, which the second product
+reads back (fp32 accumulators in registers for whole panels spilled on sm_90; measured slower).
+The main kernel is persistent: a fixed number of programs walks the scanned list of
+(panel, block) work items. Everything is sized from T, K, N and d.
 """
 from __future__ import annotations
 
@@ -75,19 +82,25 @@ def grid_side(N: int) -> int | None:
 
 
 def panel_geometry(N: int) -> tuple[int, int, int, int]:
-    """(s, P, PWR, NCH): grid side, panels per row, columns per panel, BC-chunks per panel."""
+    """(s, P, PWR, NCH): grid side, panels per line (row or column), experts per panel, BC-chunks
+    per panel. The panels: s*P row panels, then s*P column panels."""
     s = grid_side(N)
     P = max(1, triton.cdiv(s, _MAX_CHUNKS * GR_BC))
     pwr = triton.cdiv(s, P)
     return s, P, pwr, triton.cdiv(pwr, GR_BC)
 
 
+def num_panels(N: int) -> int:
+    """Row panels and column panels: 2*s*P."""
+    s, P, _, _ = panel_geometry(N)
+    return 2 * s * P
+
+
 def max_tokens(K: int, N: int) -> int:
-    """The most tokens whose keys (s*P*T + 1) and pairs (T*K) fit int32; 0 if N is no square."""
+    """The most tokens whose keys (2*s*P*T + 1) and pairs (T*K) fit int32; 0 if N is no square."""
     if grid_side(N) is None or K <= 0:
         return 0
-    s, P, _, _ = panel_geometry(N)
-    return min((2**31 - 2) // (s * P), (2**31 - 1) // int(K))
+    return min((2**31 - 2) // num_panels(N), (2**31 - 1) // int(K))
 
 
 def supported(T: int, K: int, N: int) -> bool:
@@ -97,7 +110,7 @@ def supported(T: int, K: int, N: int) -> bool:
 
 def _sizes(T, K, N, d, bm=None):
     s, P, pwr, nch = panel_geometry(N)
-    npanels = s * P
+    npanels = 2 * s * P
     nkey1 = npanels * T + 1
     nb = triton.cdiv(nkey1, GR_SCAN_BLOCK)
     tk = T * K
@@ -117,7 +130,7 @@ def workspace_bytes(max_tokens: int, top_k: int, num_experts: int, hidden_size: 
         return 0
     z = _sizes(int(max_tokens), int(top_k), int(num_experts), int(hidden_size))
     return (
-        align(z["nkey1"] * 4) * 3  # counts, pair offsets, slot offsets
+        align(z["nkey1"] * 4) * 4  # line counts, counts, pair offsets, slot offsets
         + align(z["nb"] * 4) * 2  # block sums of both scans
         + align(z["tk"] * 4) * 4  # rank, sorted column, sorted gate, sorted slot
         + align(z["nslots"] * 4) * 2  # slot token, slot's first pair
@@ -129,23 +142,50 @@ def workspace_bytes(max_tokens: int, top_k: int, num_experts: int, hidden_size: 
 
 # ----------------------------------------------------------------------------- sort by (panel, token)
 @triton.jit
-def _gr_key(e, t, S, P, PWR, T):
+def _gr_line_keys(e, t, S, P, PWR, T):
+    """Keys (panel * T + t) of pair (t, e)'s row panel and column panel, and its place in each."""
     i = e // S
     j = e - i * S
-    q = j // PWR
-    return (i * P + q) * T + t, j - q * PWR
+    qr = j // PWR
+    qc = i // PWR
+    return (i * P + qr) * T + t, j - qr * PWR, ((S + j) * P + qc) * T + t, i - qc * PWR
 
 
 @triton.jit
-def _gr_histogram_kernel(idx_ptr, counts_ptr, rank_ptr, TK, K, N, S, P, PWR, T, BLOCK: tl.constexpr):
-    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+def _gr_key(e, t, m, lcounts_ptr, S, P, PWR, T):
+    """The panel pair (t, e) is assigned to: the line (row or column panel) holding more of token
+    t's pairs, the row on ties; returns its key and the pair's place in it."""
+    rk, rpos, ck, cpos = _gr_line_keys(e, t, S, P, PWR, T)
+    row = tl.load(lcounts_ptr + rk, mask=m, other=0) >= tl.load(lcounts_ptr + ck, mask=m, other=0)
+    return tl.where(row, rk, ck), tl.where(row, rpos, cpos)
+
+
+@triton.jit
+def _gr_pair(idx_ptr, offs, TK, N):
+    """Pair ids at offs: (expert, mask of real pairs with an in-range id; out-of-range ids read 0)."""
     m = offs < TK
     e = tl.load(idx_ptr + offs, mask=m, other=0)
     valid = m & (e >= 0) & (e < N)
-    e = tl.where(valid, e, 0)
-    key, _ = _gr_key(e, offs // K, S, P, PWR, T)
+    return tl.where(valid, e, 0), valid
+
+
+@triton.jit
+def _gr_line_count_kernel(idx_ptr, lcounts_ptr, TK, K, N, S, P, PWR, T, BLOCK: tl.constexpr):
+    """lcounts[panel * T + t] = token t's pairs in each row panel and each column panel."""
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    e, valid = _gr_pair(idx_ptr, offs, TK, N)
+    rk, _, ck, _ = _gr_line_keys(e, offs // K, S, P, PWR, T)
+    tl.atomic_add(lcounts_ptr + rk, 1, mask=valid, sem="relaxed")
+    tl.atomic_add(lcounts_ptr + ck, 1, mask=valid, sem="relaxed")
+
+
+@triton.jit
+def _gr_histogram_kernel(idx_ptr, lcounts_ptr, counts_ptr, rank_ptr, TK, K, N, S, P, PWR, T, BLOCK: tl.constexpr):
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    e, valid = _gr_pair(idx_ptr, offs, TK, N)
+    key, _ = _gr_key(e, offs // K, valid, lcounts_ptr, S, P, PWR, T)
     r = tl.atomic_add(counts_ptr + key, 1, mask=valid, sem="relaxed")
-    tl.store(rank_ptr + offs, r, mask=m)
+    tl.store(rank_ptr + offs, r, mask=offs < TK)
 
 
 @triton.jit
@@ -168,16 +208,13 @@ def _gr_start(off_ptr, bs_ptr, key, SCAN_BLOCK: tl.constexpr):
 
 
 @triton.jit
-def _gr_scatter_kernel(idx_ptr, g_ptr, rank_ptr, offsets_ptr, slotoff_ptr, bsums_ptr, bslots_ptr,
+def _gr_scatter_kernel(idx_ptr, g_ptr, lcounts_ptr, rank_ptr, offsets_ptr, slotoff_ptr, bsums_ptr, bslots_ptr,
                        scol_ptr, sgate_ptr, sslot_ptr, slot_tok_ptr, slot_pair_ptr,
                        TK, K, N, S, P, PWR, T, SCAN_BLOCK: tl.constexpr, BLOCK: tl.constexpr):
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    m = offs < TK
-    e = tl.load(idx_ptr + offs, mask=m, other=0)
-    m = m & (e >= 0) & (e < N)
-    e = tl.where(m, e, 0)
+    e, m = _gr_pair(idx_ptr, offs, TK, N)
     t = offs // K
-    key, col = _gr_key(e, t, S, P, PWR, T)
+    key, col = _gr_key(e, t, m, lcounts_ptr, S, P, PWR, T)
     kb = key // SCAN_BLOCK
     r = tl.load(rank_ptr + offs, mask=m, other=0)
     pos = tl.load(offsets_ptr + key, mask=m, other=0) + tl.load(bsums_ptr + kb, mask=m, other=0) + r
@@ -210,34 +247,27 @@ def _gr_blocks_kernel(slotoff_ptr, bslots_ptr, blkoff_ptr, NP, T, BM: tl.constex
 
 # ----------------------------------------------------------------------------- panel kernel
 @triton.jit
-def _gr_up_dot(xt, up_ptr, ebase, width, c: tl.constexpr, d0, D, dd, dm, acc, BC: tl.constexpr, IEEE: tl.constexpr):
-    cols = c * BC + tl.arange(0, BC)
-    cm = cols < width
-    rows = (ebase + cols).to(tl.int64) * D
-    w = tl.load(up_ptr + rows[:, None] + d0 + dd[None, :], mask=cm[:, None] & dm[None, :], other=0.0)
-    if IEEE:
-        return tl.dot(xt, tl.trans(w), acc, input_precision="ieee")
-    else:
-        return tl.dot(xt, tl.trans(w), acc)
+def _gr_table_tile(ptr, ebase, estride, width, c, d0, D, dd, dm, BC: tl.constexpr):
+    """[BC, BD] tile of an expert table: chunk c of the panel (experts ebase + k * estride, k < width),
+    columns d0 + dd of d (zeros outside)."""
+    k = c * BC + tl.arange(0, BC)
+    rows = (ebase + k * estride).to(tl.int64) * D
+    return tl.load(ptr + rows[:, None] + d0 + dd[None, :], mask=(k < width)[:, None] & dm[None, :], other=0.0)
 
 
 @triton.jit
-def _gr_h(acc, g_base, c: tl.constexpr, mm, GW: tl.constexpr, BC: tl.constexpr, ACT: tl.constexpr, HT: tl.constexpr):
+def _gr_dot(a, b, acc, IEEE: tl.constexpr):
+    if IEEE:
+        return tl.dot(a, b, acc, input_precision="ieee")
+    else:
+        return tl.dot(a, b, acc)
+
+
+@triton.jit
+def _gr_h(acc, g_base, c, mm, GW: tl.constexpr, BC: tl.constexpr, ACT: tl.constexpr, HT: tl.constexpr):
     # .cg: the gates were added at L2 by atomics; never read a stale L1 line of an earlier block.
     g = tl.load(g_base + mm[:, None] * GW + c * BC + tl.arange(0, BC)[None, :], cache_modifier=".cg")
     return (_act(acc, ACT) * g).to(HT)
-
-
-@triton.jit
-def _gr_down_dot(h, down_ptr, ebase, width, c: tl.constexpr, d0, D, dd, dm, acc, BC: tl.constexpr, IEEE: tl.constexpr):
-    cols = c * BC + tl.arange(0, BC)
-    cm = cols < width
-    rows = (ebase + cols).to(tl.int64) * D
-    v = tl.load(down_ptr + rows[:, None] + d0 + dd[None, :], mask=cm[:, None] & dm[None, :], other=0.0)
-    if IEEE:
-        return tl.dot(h, v, acc, input_precision="ieee")
-    else:
-        return tl.dot(h, v, acc)
 
 
 @triton.jit
@@ -292,9 +322,13 @@ def _gr_panel_kernel(
             gv = tl.load(sgate_ptr + q0 + gg, mask=qm, other=0.0)
             tl.atomic_add(g_base + sl * GW + col, gv, mask=qm, sem="relaxed")
         tl.debug_barrier()
-        prow = p // P
-        pq = p - prow * P
-        ebase = prow * S + pq * PWR
+        # Panel p: row panels (line i, part q) first, then column panels (line j, part q).
+        is_col = p >= S * P
+        pl = tl.where(is_col, p - S * P, p)
+        line = pl // P
+        pq = pl - line * P
+        ebase = tl.where(is_col, pq * PWR * S + line, line * S + pq * PWR)
+        estride = tl.where(is_col, S, 1)
         width = tl.minimum(PWR, S - pq * PWR)
         xrow = tok * D
         # One BC-chunk of S at a time (plain GEMM loops, X re-read per chunk); H = act(S) o G
@@ -304,16 +338,16 @@ def _gr_panel_kernel(
             for d0 in range(0, D, BD):
                 dm = (d0 + dd) < D
                 xt = tl.load(x_ptr + xrow[:, None] + d0 + dd[None, :], mask=rm[:, None] & dm[None, :], other=0.0)
-                acc = _gr_up_dot(xt, up_ptr, ebase + c * BC, width - c * BC, 0, d0, D, dd, dm, acc, BC, IEEE)
-            tl.store(h_base + mm[:, None] * GW + c * BC + bc[None, :],
-                     _gr_h(acc, g_base + c * BC, 0, mm, GW, BC, ACT, HT))
+                ut = _gr_table_tile(up_ptr, ebase, estride, width, c, d0, D, dd, dm, BC)
+                acc = _gr_dot(xt, tl.trans(ut), acc, IEEE)
+            tl.store(h_base + mm[:, None] * GW + c * BC + bc[None, :], _gr_h(acc, g_base, c, mm, GW, BC, ACT, HT))
         tl.debug_barrier()
         for d0 in range(0, D, BD2):
             dm = (d0 + dd2) < D
             o = tl.zeros([BM, BD2], dtype=tl.float32)
             for c in range(0, NCH):
                 h = tl.load(h_base + mm[:, None] * GW + c * BC + bc[None, :])
-                o = _gr_down_dot(h, down_ptr, ebase + c * BC, width - c * BC, 0, d0, D, dd2, dm, o, BC, IEEE)
+                o = _gr_dot(h, _gr_table_tile(down_ptr, ebase, estride, width, c, d0, D, dd2, dm, BC), o, IEEE)
             tl.atomic_add(y_ptr + xrow[:, None] + d0 + dd2[None, :], o, mask=rm[:, None] & dm[None, :], sem="relaxed")
 
 
@@ -338,13 +372,13 @@ def panel_config(N: int, fp32: bool, act: int) -> dict:
 
 
 def panel_steps(N: int) -> int:
-    """NSTEPS of `_gr_panel_kernel`: binary-search steps over the s*P panels' work offsets."""
-    s, P, _, _ = panel_geometry(N)
-    return max(1, (s * P).bit_length())
+    """NSTEPS of `_gr_panel_kernel`: binary-search steps over the 2*s*P panels' work offsets."""
+    return max(1, num_panels(N).bit_length())
 
 
 def histogram_config() -> dict:
-    """Constexprs + num_warps of `_gr_histogram_kernel` (grid: cdiv(T*K, BLOCK)); native plugins too."""
+    """Constexprs + num_warps of `_gr_line_count_kernel` and `_gr_histogram_kernel` (grid:
+    cdiv(T*K, BLOCK)); native plugins too."""
     return dict(BLOCK=GR_SORT_BLOCK, num_warps=4)
 
 
@@ -385,6 +419,7 @@ def launch(x, up, down, gates, indices, out, workspace, act: int, *, sort_only: 
     z = _sizes(T, K, N, D, cfg["BM"])
     s, P, pwr, npanels, nkey1, nb, tk = z["s"], z["P"], z["pwr"], z["npanels"], z["nkey1"], z["nb"], z["tk"]
     carver = Carver(workspace, workspace_bytes(T, K, N, D), x.device)
+    lcounts = carver.take(nkey1, torch.int32)
     counts = carver.take(nkey1, torch.int32)
     offsets = carver.take(nkey1, torch.int32)
     slotoff = carver.take(nkey1, torch.int32)
@@ -400,15 +435,17 @@ def launch(x, up, down, gates, indices, out, workspace, act: int, *, sort_only: 
     gscr = carver.take(GR_PROGRAMS * _tile_rows() * z["gw"], torch.float32)
     hscr = carver.take(GR_PROGRAMS * _tile_rows() * z["gw"], torch.float32)
     y32 = out if fp32 else carver.take(T * D, torch.float32).view(T, D)
+    lcounts.zero_()
     counts.zero_()
     y32.zero_()
     hist, scatter = histogram_config(), scatter_config()
     sort_grid = (triton.cdiv(tk, hist["BLOCK"]),)
-    _gr_histogram_kernel[sort_grid](indices, counts, rank, tk, K, N, s, P, pwr, T, **hist)
+    _gr_line_count_kernel[sort_grid](indices, lcounts, tk, K, N, s, P, pwr, T, **hist)
+    _gr_histogram_kernel[sort_grid](indices, lcounts, counts, rank, tk, K, N, s, P, pwr, T, **hist)
     _gr_scan_blocks_kernel[(nb,)](counts, offsets, slotoff, bsums, bslots, nkey1, **scan_blocks_config())
     _scan_top_kernel[(1,)](bsums, nb, BLOCK=_SCAN_TOP_BLOCK)
     _scan_top_kernel[(1,)](bslots, nb, BLOCK=_SCAN_TOP_BLOCK)
-    _gr_scatter_kernel[sort_grid](indices, gates, rank, offsets, slotoff, bsums, bslots, scol, sgate, sslot,
+    _gr_scatter_kernel[sort_grid](indices, gates, lcounts, rank, offsets, slotoff, bsums, bslots, scol, sgate, sslot,
                                   slot_tok, slot_pair, tk, K, N, s, P, pwr, T, **scatter)
     _gr_blocks_kernel[(1,)](slotoff, bslots, blkoff, npanels, T, **blocks_config(N, fp32))
     if sort_only:

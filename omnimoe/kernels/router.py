@@ -17,7 +17,9 @@ K > 64 (`_product_key_topk_kernel`), per token (one CTA):
 3. Every candidate > theta is emitted; ties at theta are admitted smallest expert index first
    (a second bisection over expert ids, only run when ties overflow K).
 4. The K winners are written unsorted into the outputs, re-loaded, sorted (score desc, expert
-   asc) with one bitonic sort of K elements and turned into gates (exp or softmax).
+   asc) with one bitonic sort of K elements and turned into gates (exp or softmax). Callers that
+   only sum over the K (the layer's routed experts) skip the sort (SORTED=False): the same set,
+   in emission order.
 
 Cost per token: two sorts of s, ~25 bisection steps of <= 2 isqrt(K) narrowing binary searches,
 one sort of K, now most of the time (H200, T=4096, s=320, K=2048: ~0.9 ms in a phase split).
@@ -134,6 +136,7 @@ def _product_key_topk_kernel(
     s, K, KA, stride_px, stride_py,
     SOFTMAX: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_K: tl.constexpr,
     CHUNK: tl.constexpr, STEPS_A: tl.constexpr, STEPS_L: tl.constexpr, STEPS_N: tl.constexpr,
+    SORTED: tl.constexpr,
 ):
     t = tl.program_id(0).to(tl.int64)
     base = t * (10 * KA)
@@ -237,18 +240,19 @@ def _product_key_topk_kernel(
             written += tl.sum(sel.to(tl.int32), axis=0)
     tl.debug_barrier()
 
-    # Final order: score descending, expert ascending on exact ties.
     ko = tl.arange(0, BLOCK_K)
     km = ko < K
     v = tl.load(out_g + ko, mask=km, other=0.0)
-    e = tl.load(out_i + ko, mask=km, other=0)
-    packed = (_f32_key(v).to(tl.int64) << 32) | (0x7FFFFFFF - e).to(tl.int64)
-    packed = tl.where(km, packed, -9223372036854775807 - 1)
-    packed = tl.sort(packed, descending=True)
-    score = _key_f32((packed >> 32).to(tl.int32))
-    e = 0x7FFFFFFF - (packed & 0xFFFFFFFF).to(tl.int32)
-    tl.store(out_g + ko, _gates_of(score, km, SOFTMAX), mask=km)
-    tl.store(out_i + ko, e, mask=km)
+    if SORTED:
+        # Final order: score descending, expert ascending on exact ties.
+        e = tl.load(out_i + ko, mask=km, other=0)
+        packed = (_f32_key(v).to(tl.int64) << 32) | (0x7FFFFFFF - e).to(tl.int64)
+        packed = tl.where(km, packed, -9223372036854775807 - 1)
+        packed = tl.sort(packed, descending=True)
+        v = _key_f32((packed >> 32).to(tl.int32))
+        e = 0x7FFFFFFF - (packed & 0xFFFFFFFF).to(tl.int32)
+        tl.store(out_i + ko, e, mask=km)
+    tl.store(out_g + ko, _gates_of(v, km, SOFTMAX), mask=km)
 
 
 @triton.jit
@@ -342,9 +346,10 @@ def _router_logits_topk_small_kernel(
 
 
 def _large_num_warps(s: int, K: int) -> int:
-    # H200, T=4096, s=320: 4 warps run the final sort of K far faster than 8 (K=2048: 1.42 -> 0.96 ms,
-    # K=4096: 2.75 -> 2.03 ms); other shapes keep the 8 they were measured with.
-    if next_pow2(s) <= 512 and K >= 2048:
+    # H200, T=4096, s=320: 4 warps beat 8 at every K measured, sorted or not (K=512: 0.48 -> 0.28 ms
+    # sorted, 0.34 -> 0.22 unsorted; K=1024: 0.61 -> 0.46, 0.35 -> 0.25; K=2048: 1.24 -> 0.90,
+    # 0.39 -> 0.29); larger s keeps the 8 it was measured with.
+    if next_pow2(s) <= 512:
         return 4
     return 4 if max(next_pow2(K), next_pow2(s)) <= 256 else 8
 
@@ -371,8 +376,9 @@ def _topk_outputs(T: int, K: int, dev, gates_out, indices_out):
     return gates_out, indices_out
 
 
-def topk_kernel_config(grid_side: int, top_k: int, gate: str):
-    """(kernel, constexprs + num_warps) that `product_key_topk_triton` launches for (s, K, gate).
+def topk_kernel_config(grid_side: int, top_k: int, gate: str, sort: bool = True):
+    """(kernel, constexprs + num_warps) that `product_key_topk_triton` launches for (s, K, gate)
+    (sort=False: the K > 64 kernel leaves the K winners in emission order).
 
     The one place these choices live: the native TensorRT plugins compile the same variant ahead
     of time from it (trt_plugins/native)."""
@@ -393,6 +399,7 @@ def topk_kernel_config(grid_side: int, top_k: int, gate: str):
         STEPS_A=max(1, math.ceil(math.log2(ka + 1))),
         STEPS_L=max(1, math.ceil(math.log2(block_l + 1))),
         STEPS_N=max(1, math.ceil(math.log2(s * s + 1))),
+        SORTED=bool(sort),
         num_warps=_large_num_warps(s, K),
     )
 
@@ -415,9 +422,12 @@ def product_key_topk_triton(
     gates_out: torch.Tensor | None = None,
     indices_out: torch.Tensor | None = None,
     workspace: torch.Tensor | None = None,
+    sort: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """gates [T,K] fp32, indices [T,K] int32: exact product-key top-K (ops.product_key_topk_reference).
 
+    sort=False: the same K (gate, expert) pairs per token in no particular order (K > 64 then
+    skips its final sort); for callers that only sum over them.
     With gates_out, indices_out and workspace given: no allocation, no host sync, launches on
     the current stream only (TensorRT enqueue / CUDA-graph capture safe).
     """
@@ -433,7 +443,7 @@ def product_key_topk_triton(
     if K > 4096:
         raise ops.OmniMoEInputError(f"the Triton router supports top_k <= 4096, got {K}")
     ka = min(K, s)
-    kernel, meta = topk_kernel_config(s, K, gate)
+    kernel, meta = topk_kernel_config(s, K, gate, sort)
     if K <= SMALL_K_MAX:
         kernel[(T,)](
             log_probs_x, log_probs_y, gates_out, indices_out,

@@ -107,7 +107,7 @@ def _grid_specs(variant) -> list:
     fp32 = variant.dtype == "fp32"
     act = experts.ACT_IDS[variant.activation]
     s, P, pwr, _ = grid_row.panel_geometry(N)
-    npanels = s * P
+    npanels = grid_row.num_panels(N)
     i32 = "i32"
     # Ints fixed per variant (divisibility hints only, as triton's launcher specialises them).
     geo = (("K", K), ("N", N), ("S", s), ("P", P), ("PWR", pwr))
@@ -117,8 +117,10 @@ def _grid_specs(variant) -> list:
         consts, warps, stages = _split_meta(meta)
         specs.append(KernelSpec(role, fn, ptrs, known, consts, warps, stages))
 
-    spec("gr_histogram", grid_row._gr_histogram_kernel, (("idx_ptr", i32), ("counts_ptr", i32), ("rank_ptr", i32)),
-         geo, grid_row.histogram_config())
+    spec("gr_line_count", grid_row._gr_line_count_kernel, (("idx_ptr", i32), ("lcounts_ptr", i32)), geo,
+         grid_row.histogram_config())
+    spec("gr_histogram", grid_row._gr_histogram_kernel,
+         (("idx_ptr", i32), ("lcounts_ptr", i32), ("counts_ptr", i32), ("rank_ptr", i32)), geo, grid_row.histogram_config())
     spec("gr_scan_blocks", grid_row._gr_scan_blocks_kernel,
          tuple((name, i32) for name in ("counts_ptr", "offsets_ptr", "slotoff_ptr", "bsums_ptr", "bslots_ptr")), (),
          grid_row.scan_blocks_config())
@@ -126,7 +128,8 @@ def _grid_specs(variant) -> list:
                    ("slot_pair_ptr", i32))
     scans = (("offsets_ptr", i32), ("slotoff_ptr", i32), ("bsums_ptr", i32), ("bslots_ptr", i32))
     spec("gr_scatter", grid_row._gr_scatter_kernel,
-         (("idx_ptr", i32), ("g_ptr", "fp32"), ("rank_ptr", i32)) + scans + sorted_ptrs, geo, grid_row.scatter_config())
+         (("idx_ptr", i32), ("g_ptr", "fp32"), ("lcounts_ptr", i32), ("rank_ptr", i32)) + scans + sorted_ptrs, geo,
+         grid_row.scatter_config())
     spec("gr_blocks", grid_row._gr_blocks_kernel, (("slotoff_ptr", i32), ("bslots_ptr", i32), ("blkoff_ptr", i32)),
          (("NP", npanels),), grid_row.blocks_config(N, fp32))
     panel_ptrs = (("x_ptr", t), ("up_ptr", t), ("down_ptr", t)) + sorted_ptrs + scans + (

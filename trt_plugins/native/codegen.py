@@ -32,6 +32,7 @@ def _launched_kernels():
         experts._scan_top_kernel,
         experts._scatter_kernel,
         experts._expert_tile_kernel,
+        grid_row._gr_line_count_kernel,
         grid_row._gr_histogram_kernel,
         grid_row._gr_scan_blocks_kernel,
         grid_row._gr_scatter_kernel,
@@ -44,7 +45,7 @@ def _launched_kernels():
 # Kernel sets of an ExpertsVariant row, in plugins.cpp's struct order; the grid-row ones are empty
 # ({nullptr, 0}) where the variant cannot take that schedule (gr_cast also for fp32).
 _EXPERT_ROLES = ("token", "token_h", "histogram", "scan_blocks", "scan_top", "scatter", "tile")
-_GRID_ROLES = ("gr_histogram", "gr_scan_blocks", "gr_scatter", "gr_blocks", "gr_panel", "gr_cast")
+_GRID_ROLES = ("gr_line_count", "gr_histogram", "gr_scan_blocks", "gr_scatter", "gr_blocks", "gr_panel", "gr_cast")
 
 
 def _grid_constants() -> list[str]:

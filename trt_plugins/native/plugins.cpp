@@ -76,7 +76,7 @@ struct ExpertsVariant
     // Grid-row schedule (grid_row.py): the panel kernel's BM and the kernels, empty ({nullptr, 0})
     // where "auto" never picks it for this (K, N); grCast is empty for fp32 too.
     int32_t grBm;
-    KernelSet grHistogram, grScanBlocks, grScatter, grBlocks, grPanel, grCast;
+    KernelSet grLineCount, grHistogram, grScanBlocks, grScatter, grBlocks, grPanel, grCast;
 };
 
 // ------------------------------------------------------------------------------------------------
@@ -325,8 +325,8 @@ static int64_t pairsWorkspaceBytes(int64_t maxTokens, int64_t k, int64_t n, int6
     return alignUp(n1 * 4) * 2 + alignUp(nb * 4) + alignUp(tk * 4) * 2 + alignUp(maxTokens * d * 4);
 }
 
-// Grid-row schedule geometry (grid_row.grid_side / panel_geometry): N = s*s experts in s rows,
-// each row in P panels of PWR columns, NCH chunks of kGrChunkExperts per panel.
+// Grid-line schedule geometry (grid_row.grid_side / panel_geometry): N = s*s experts in s rows and
+// s columns, each line in P panels of PWR experts, NCH chunks of kGrChunkExperts per panel.
 struct GridGeometry
 {
     int64_t s, p, pwr, nch;
@@ -350,14 +350,14 @@ static bool gridGeometry(int64_t n, GridGeometry& g)
     return true;
 }
 
-// grid_row.max_tokens: the most tokens whose keys (s*P*T + 1) and pairs (T*K) fit int32; 0 if N is
-// no square.
+// grid_row.max_tokens: the most tokens whose keys (2*s*P*T + 1) and pairs (T*K) fit int32; 0 if N
+// is no square.
 static int64_t gridMaxTokens(int64_t k, int64_t n)
 {
     GridGeometry g;
     if (!gridGeometry(n, g) || k <= 0)
         return 0;
-    return std::min((int64_t(INT32_MAX) - 1) / (g.s * g.p), int64_t(INT32_MAX) / k);
+    return std::min((int64_t(INT32_MAX) - 1) / (2 * g.s * g.p), int64_t(INT32_MAX) / k);
 }
 
 // experts.use_grid_row
@@ -391,7 +391,7 @@ struct GridSizes
 static GridSizes gridSizes(int64_t t, int64_t k, GridGeometry const& g, int64_t bm)
 {
     GridSizes z;
-    z.npanels = g.s * g.p;
+    z.npanels = 2 * g.s * g.p; // row panels, then column panels (grid_row.num_panels)
     z.nkey1 = z.npanels * t + 1;
     z.nb = cdiv(z.nkey1, gen::kGrScanBlock);
     z.tk = t * k;
@@ -409,7 +409,7 @@ static int64_t gridWorkspaceBytes(int64_t maxTokens, int64_t k, int64_t n, int64
     if (!gridGeometry(n, g) || maxTokens <= 0)
         return 0;
     GridSizes z = gridSizes(maxTokens, k, g, 1);
-    return alignUp(z.nkey1 * 4) * 3 + alignUp(z.nb * 4) * 2 + alignUp(z.tk * 4) * 4 + alignUp(z.nslots * 4) * 2
+    return alignUp(z.nkey1 * 4) * 4 + alignUp(z.nb * 4) * 2 + alignUp(z.tk * 4) * 4 + alignUp(z.nslots * 4) * 2
         + alignUp((z.npanels + 1) * 4) + alignUp(gen::kGrPrograms * gen::kGrTileRows * z.gw * 4) * 2
         + alignUp(maxTokens * d * 4);
 }
@@ -479,7 +479,7 @@ static int32_t checkAligned(char const* op, char const* const* names, void const
 static bool resolveExperts(ExpertsVariant const& v)
 {
     for (KernelSet const* set : {&v.token, &v.tokenH, &v.histogram, &v.scanBlocks, &v.scanTop, &v.scatter, &v.tile,
-             &v.grHistogram, &v.grScanBlocks, &v.grScatter, &v.grBlocks, &v.grPanel, &v.grCast})
+             &v.grLineCount, &v.grHistogram, &v.grScanBlocks, &v.grScatter, &v.grBlocks, &v.grPanel, &v.grCast})
         if (set->count > 0 && !resolve(*set))
             return false;
     return true;
@@ -595,8 +595,8 @@ int32_t omnimoe_native_experts_launch(void const* x, void const* up, void const*
     gLastExpertsSchedule.store(schedule);
     if (schedule == gen::kScheduleGrid)
     {
-        // Grid-row schedule (grid_row.launch): counting sort of the pairs by (panel, token), the
-        // work list of (panel, block of BM slots), the persistent panel kernel with fp32 atomics
+        // Grid-line schedule (grid_row.launch): each pair's panel (its row or column, by the
+        // token's line counts), counting sort of the pairs by (panel, token), the work list of (panel, block of BM slots), the persistent panel kernel with fp32 atomics
         // into y32 (y itself for fp32), then the cast to y's dtype.
         GridGeometry g;
         gridGeometry(n, g);
@@ -604,7 +604,7 @@ int32_t omnimoe_native_experts_launch(void const* x, void const* up, void const*
         bool fp32 = dtype == 0;
         int32_t s = int32_t(g.s), P = int32_t(g.p), pwr = int32_t(g.pwr), np = int32_t(z.npanels);
         int32_t t32 = int32_t(T), tk = int32_t(z.tk), nkey1 = int32_t(z.nkey1), nb = int32_t(z.nb);
-        CUdeviceptr counts = take(z.nkey1), offsets = take(z.nkey1), slotoff = take(z.nkey1);
+        CUdeviceptr lcounts = take(z.nkey1), counts = take(z.nkey1), offsets = take(z.nkey1), slotoff = take(z.nkey1);
         CUdeviceptr bsums = take(z.nb), bslots = take(z.nb);
         CUdeviceptr rank = take(z.tk), scol = take(z.tk), sgate = take(z.tk), sslot = take(z.tk);
         CUdeviceptr slotTok = take(z.nslots), slotPair = take(z.nslots);
@@ -612,13 +612,18 @@ int32_t omnimoe_native_experts_launch(void const* x, void const* up, void const*
         CUdeviceptr gscr = take(gen::kGrPrograms * gen::kGrTileRows * z.gw);
         CUdeviceptr hscr = take(gen::kGrPrograms * gen::kGrTileRows * z.gw);
         CUdeviceptr y32 = fp32 ? p(y) : take(T * int64_t(d));
-        CUresult status = driver().memsetD32Async(counts, 0, size_t(z.nkey1), stream);
+        CUresult status = driver().memsetD32Async(lcounts, 0, size_t(z.nkey1), stream);
+        if (status == CUDA_SUCCESS)
+            status = driver().memsetD32Async(counts, 0, size_t(z.nkey1), stream);
         if (status == CUDA_SUCCESS)
             status = driver().memsetD32Async(y32, 0, size_t(T * int64_t(d)), stream); // 0x0 is +0.0f
         uint32_t sortGrid = uint32_t(cdiv(z.tk, gen::kGrSortBlock));
         if (status == CUDA_SUCCESS)
+            status = gen::launch__gr_line_count_kernel(
+                v->grLineCount, sortGrid, stream, p(indices), lcounts, tk, k, n, s, P, pwr, t32);
+        if (status == CUDA_SUCCESS)
             status = gen::launch__gr_histogram_kernel(
-                v->grHistogram, sortGrid, stream, p(indices), counts, rank, tk, k, n, s, P, pwr, t32);
+                v->grHistogram, sortGrid, stream, p(indices), lcounts, counts, rank, tk, k, n, s, P, pwr, t32);
         if (status == CUDA_SUCCESS)
             status = gen::launch__gr_scan_blocks_kernel(
                 v->grScanBlocks, uint32_t(z.nb), stream, counts, offsets, slotoff, bsums, bslots, nkey1);
@@ -627,8 +632,8 @@ int32_t omnimoe_native_experts_launch(void const* x, void const* up, void const*
         if (status == CUDA_SUCCESS)
             status = gen::launch__scan_top_kernel(v->scanTop, 1, stream, bslots, nb);
         if (status == CUDA_SUCCESS)
-            status = gen::launch__gr_scatter_kernel(v->grScatter, sortGrid, stream, p(indices), p(gates), rank, offsets,
-                slotoff, bsums, bslots, scol, sgate, sslot, slotTok, slotPair, tk, k, n, s, P, pwr, t32);
+            status = gen::launch__gr_scatter_kernel(v->grScatter, sortGrid, stream, p(indices), p(gates), lcounts, rank,
+                offsets, slotoff, bsums, bslots, scol, sgate, sslot, slotTok, slotPair, tk, k, n, s, P, pwr, t32);
         if (status == CUDA_SUCCESS)
             status = gen::launch__gr_blocks_kernel(v->grBlocks, 1, stream, slotoff, bslots, blkoff, np, t32);
         if (status == CUDA_SUCCESS)
