@@ -160,7 +160,8 @@ def worker(name: str, iters: int, first_call_only: bool = False) -> dict:
         schedule = "token"
     # Schedules timed and checked one by one (the grid rows need a square N and enough tokens).
     schedules = ("token", "expert", "hybrid") + (("grid",) if t >= 256 and grid_row.supported(t, k, n) else ())
-    res = {"name": name, "d": d, "I": inter, "N": n, "K": k, "T": t, "schedule": schedule}
+    res = {"name": name, "d": d, "I": inter, "N": n, "K": k, "T": t, "schedule": schedule,
+           "measured_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
     with torch.inference_mode():
         t0 = time.perf_counter()
         y_tri = layer(x)
@@ -252,6 +253,8 @@ def worker(name: str, iters: int, first_call_only: bool = False) -> dict:
         px = torch.log_softmax(layer.router_gate_x(x).float(), -1)
         py = torch.log_softmax(layer.router_gate_y(x).float(), -1)
         res["router_only"] = _time(lambda: product_key_topk_triton(px, py, k, "product"), iters)
+        # What the layer runs: the same top-K without ordering the K winners (sort=False).
+        res["router_only_unsorted"] = _time(lambda: product_key_topk_triton(px, py, k, "product", sort=False), iters)
 
     rl, nbytes, flops = roofline_ms(d, inter, n, k, t)
     res.update(roofline_ms=rl, roofline_bytes=nbytes, roofline_flops=flops)
