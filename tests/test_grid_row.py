@@ -120,6 +120,25 @@ def _geometry_case():
     assert gr.panel_geometry(1 << 20) == (1024, 4, 256, 4)
 
 
+def _line_counts_case():
+    """The line-count kernel's per-token row- and column-panel histograms (what decides each pair's
+    panel; a wrong count would only cost speed, so it is checked exactly here), from a garbage
+    workspace, with duplicate and out-of-range ids."""
+    with _consts(**SMALL) as gr:
+        T, d, N, K = 23, 8, 81 * 81, 50
+        x, up, down, g, idx = _inputs(T, d, N, K, 12, ids="product")
+        s, P, pwr, _ = gr.panel_geometry(N)
+        ws = torch.full((gr.workspace_bytes(T, K, N, d),), 255, dtype=torch.uint8)
+        gr.launch(x, up, down, g, idx, torch.empty(T, d), ws, 0, sort_only=True)
+        got = ws[: 2 * s * P * T * 4].view(torch.int32).view(2 * s * P, T).t()
+        e = idx.long()
+        ok = (e >= 0) & (e < N)
+        i, j = torch.where(ok, e, 0) // s, torch.where(ok, e, 0) % s
+        want = torch.zeros(T, 2 * s * P, dtype=torch.int32)
+        want.scatter_add_(1, i * P + j // pwr, ok.int()).scatter_add_(1, s * P + j * P + i // pwr, ok.int())
+        assert torch.equal(got, want)
+
+
 def _bad_inputs_case():
     from omnimoe.kernels.experts import expert_grouped_matmul_triton
 
@@ -136,6 +155,7 @@ def _bad_inputs_case():
 INTERP_CASES = {
     "geometry": _geometry_case,
     "bad_inputs": _bad_inputs_case,
+    "line_counts": _line_counts_case,
     # 81x81 grid: 3 panels per row, 2 chunks per panel (the last one ragged), T = 37: ragged blocks.
     "panels_chunks_fp32": lambda: _grid_case(37, 24, 81 * 81, 40),
     "panels_chunks_one_program": lambda: _grid_case(37, 24, 81 * 81, 40, consts=dict(SMALL, GR_PROGRAMS=1), seed=1),
@@ -201,6 +221,7 @@ MUTATIONS = {
     "keep_out_of_range": "panels_chunks_fp32",  # out-of-range ids clamped into the grid
     "columns_as_rows": "column_panels_fp32",  # column panels read as rows (unit stride)
     "all_to_rows_keys_only": "product_routing_fp16",  # histogram keys by rows, scatter by the choice
+    "column_counts_dropped": "line_counts",  # the column-panel histogram never stored
 }
 
 
@@ -234,6 +255,9 @@ def _mutated(name):
     if name == "columns_as_rows":
         return _rejit(gr, "_gr_panel_kernel", _src(gr, "_gr_panel_kernel").replace(
             "estride = tl.where(is_col, S, 1)", "estride = 1"))
+    if name == "column_counts_dropped":
+        return _rejit(gr, "_gr_line_count_kernel", _src(gr, "_gr_line_count_kernel").replace(
+            "h_col, mask=bm)", "h_col, mask=bm & (b < 0))"))
     if name == "all_to_rows_keys_only":
         src = _src(gr, "_gr_histogram_kernel").replace(
             "key, _ = _gr_key(e, offs // K, valid, lcounts_ptr, S, P, PWR, T)",

@@ -284,6 +284,8 @@ _LANE_CASES = {
     "router_lanes_k_square_plus_1_ties": lambda: _router_case(5, 12, 65, "product", ties=True, seed=32, path="large"),
     "router_lanes_long_columns": lambda: _router_case(4, 16, 66, "product", seed=33, path="large"),
     "router_lanes_ties_k_lt_s": lambda: _router_case(5, 20, 13, "softmax", ties=True, seed=34, path="large"),
+    # 809 / 760 ties at theta for 252 / 496 free slots: more than one CHUNK (512) of ties (reloaded).
+    "router_ties_beyond_one_chunk": lambda: _router_case(2, 50, 1000, "product", ties=True, seed=37, path="large"),
     # sort=False (the layer's routed sum): the same pairs and gates, unordered.
     "router_unsorted_product": lambda: _router_case(4, 12, 70, "product", seed=35, path="large", sort=False),
     "router_unsorted_softmax_ties": lambda: _router_case(5, 9, 40, "softmax", ties=True, seed=36, path="large",

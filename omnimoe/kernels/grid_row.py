@@ -53,6 +53,11 @@ GR_FP32_BM = 64
 # Persistent programs (each owns one G and one H scratch tile of BM x NCH*BC fp32): 3 per H200 SM
 # (measured at K = 512 / 1024 / 2048, T = 4096: 0.03-0.08 ms faster than 2 per SM).
 GR_PROGRAMS = 396
+# Bins of a token's per-direction panel histogram (its panels + one for invalid ids), at most: the
+# schedule needs s*P < GR_MAX_LINE_BINS (N = 1M: s*P = 4096).
+GR_MAX_LINE_BINS = 8192
+# Pairs per step of the line-count kernel.
+GR_LINE_CHUNK = 1024
 # Pairs per program of the sort kernels; scan block of the key counters.
 GR_SORT_BLOCK = 1024
 GR_SCAN_BLOCK = 1024
@@ -98,8 +103,12 @@ def num_panels(N: int) -> int:
 
 
 def max_tokens(K: int, N: int) -> int:
-    """The most tokens whose keys (2*s*P*T + 1) and pairs (T*K) fit int32; 0 if N is no square."""
+    """The most tokens whose keys (2*s*P*T + 1) and pairs (T*K) fit int32; 0 if N is no square or
+    has more than GR_MAX_LINE_BINS - 1 panels per direction (N beyond ~2.6 M experts)."""
     if grid_side(N) is None or K <= 0:
+        return 0
+    s, P, _, _ = panel_geometry(N)
+    if s * P + 1 > GR_MAX_LINE_BINS:
         return 0
     return min((2**31 - 2) // num_panels(N), (2**31 - 1) // int(K))
 
@@ -171,13 +180,28 @@ def _gr_pair(idx_ptr, offs, TK, N):
 
 
 @triton.jit
-def _gr_line_count_kernel(idx_ptr, lcounts_ptr, TK, K, N, S, P, PWR, T, BLOCK: tl.constexpr):
-    """lcounts[panel * T + t] = token t's pairs in each row panel and each column panel."""
-    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    e, valid = _gr_pair(idx_ptr, offs, TK, N)
-    rk, _, ck, _ = _gr_line_keys(e, offs // K, S, P, PWR, T)
-    tl.atomic_add(lcounts_ptr + rk, 1, mask=valid, sem="relaxed")
-    tl.atomic_add(lcounts_ptr + ck, 1, mask=valid, sem="relaxed")
+def _gr_line_count_kernel(idx_ptr, lcounts_ptr, K, N, S, P, PWR, T, NB: tl.constexpr, CH: tl.constexpr):
+    """lcounts[panel * T + t] = token t's pairs in each row panel and each column panel, every
+    entry written: one program per token, histograms in registers (global atomics would serialise
+    on a token's top lines, which hold up to s of its pairs each)."""
+    t = tl.program_id(0)
+    kk = tl.arange(0, CH)
+    n_lines = S * P  # also the bin of invalid ids (NB > S * P)
+    h_row = tl.zeros([NB], dtype=tl.int32)
+    h_col = tl.zeros([NB], dtype=tl.int32)
+    for k0 in range(0, K, CH):
+        k = k0 + kk
+        e = tl.load(idx_ptr + t.to(tl.int64) * K + k, mask=k < K, other=-1)
+        valid = (k < K) & (e >= 0) & (e < N)
+        e = tl.where(valid, e, 0)
+        i = e // S
+        j = e - i * S
+        h_row += tl.histogram(tl.where(valid, i * P + j // PWR, n_lines), NB)
+        h_col += tl.histogram(tl.where(valid, j * P + i // PWR, n_lines), NB)
+    b = tl.arange(0, NB)
+    bm = b < n_lines
+    tl.store(lcounts_ptr + b.to(tl.int64) * T + t, h_row, mask=bm)
+    tl.store(lcounts_ptr + (n_lines + b).to(tl.int64) * T + t, h_col, mask=bm)
 
 
 @triton.jit
@@ -377,9 +401,15 @@ def panel_steps(N: int) -> int:
     return max(1, num_panels(N).bit_length())
 
 
+def line_count_config(N: int, K: int) -> dict:
+    """Constexprs + num_warps of `_gr_line_count_kernel` (grid: T, one program per token)."""
+    s, P, _, _ = panel_geometry(N)
+    nb = triton.next_power_of_2(s * P + 1)
+    return dict(NB=nb, CH=max(16, triton.next_power_of_2(min(int(K), GR_LINE_CHUNK))), num_warps=4 if nb <= 2048 else 8)
+
+
 def histogram_config() -> dict:
-    """Constexprs + num_warps of `_gr_line_count_kernel` and `_gr_histogram_kernel` (grid:
-    cdiv(T*K, BLOCK)); native plugins too."""
+    """Constexprs + num_warps of `_gr_histogram_kernel` (grid: cdiv(T*K, BLOCK)); native plugins too."""
     return dict(BLOCK=GR_SORT_BLOCK, num_warps=4)
 
 
@@ -436,12 +466,11 @@ def launch(x, up, down, gates, indices, out, workspace, act: int, *, sort_only: 
     gscr = carver.take(GR_PROGRAMS * _tile_rows() * z["gw"], torch.float32)
     hscr = carver.take(GR_PROGRAMS * _tile_rows() * z["gw"], torch.float32)
     y32 = out if fp32 else carver.take(T * D, torch.float32).view(T, D)
-    lcounts.zero_()
     counts.zero_()
     y32.zero_()
     hist, scatter = histogram_config(), scatter_config()
     sort_grid = (triton.cdiv(tk, hist["BLOCK"]),)
-    _gr_line_count_kernel[sort_grid](indices, lcounts, tk, K, N, s, P, pwr, T, **hist)
+    _gr_line_count_kernel[(T,)](indices, lcounts, K, N, s, P, pwr, T, **line_count_config(N, K))
     _gr_histogram_kernel[sort_grid](indices, lcounts, counts, rank, tk, K, N, s, P, pwr, T, **hist)
     _gr_scan_blocks_kernel[(nb,)](counts, offsets, slotoff, bsums, bslots, nkey1, **scan_blocks_config())
     _scan_top_kernel[(1,)](bsums, nb, BLOCK=_SCAN_TOP_BLOCK)

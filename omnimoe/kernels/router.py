@@ -211,14 +211,18 @@ def _product_key_topk_kernel(
     if overflow:
         # Ties at theta exceed the K - n_gt free slots: admit the smallest expert ids. Bisection
         # for e_star = min{E : #{ties with expert < E} >= need}; exactly `need` are below it.
+        # The first CHUNK ties (usually all: bf16 router logits tie at theta for most tokens, a
+        # handful of items) stay in registers for all STEPS_N steps; any further chunks reload.
         need = K - n_gt
         n_tie = total_ge - n_gt
+        m0 = ch < n_tie
+        e0, v0 = _tie_expert(tl.where(m0, ch, 0), xv_ptr, yv_ptr, xi_ptr, yi_ptr, q_ptr, g_ptr, s, R, NL, STEPS_L)
         elo = tl.zeros_like(n_tie)
         ehi = tl.zeros_like(n_tie) + s * s
         for _ in range(STEPS_N):
             emid = (elo + ehi) // 2
-            c = tl.zeros_like(n_tie)
-            for j0 in range(0, n_tie, CHUNK):
+            c = tl.sum((m0 & (e0 < emid)).to(tl.int32), axis=0)
+            for j0 in range(CHUNK, n_tie, CHUNK):
                 j = j0 + ch
                 jm = j < n_tie
                 e, v = _tie_expert(tl.where(jm, j, 0), xv_ptr, yv_ptr, xi_ptr, yi_ptr, q_ptr, g_ptr, s, R, NL, STEPS_L)
@@ -228,8 +232,12 @@ def _product_key_topk_kernel(
             ehi = tl.where(ok, emid, ehi)
             elo = tl.where(ok, elo, emid + 1)
         e_star = elo
-        written = n_gt
-        for j0 in range(0, n_tie, CHUNK):
+        sel = m0 & (e0 < e_star)
+        pos = n_gt + tl.cumsum(sel.to(tl.int32), axis=0) - 1
+        tl.store(out_g + pos, v0, mask=sel)
+        tl.store(out_i + pos, e0, mask=sel)
+        written = n_gt + tl.sum(sel.to(tl.int32), axis=0)
+        for j0 in range(CHUNK, n_tie, CHUNK):
             j = j0 + ch
             jm = j < n_tie
             e, v = _tie_expert(tl.where(jm, j, 0), xv_ptr, yv_ptr, xi_ptr, yi_ptr, q_ptr, g_ptr, s, R, NL, STEPS_L)

@@ -118,7 +118,7 @@ def _grid_specs(variant) -> list:
         specs.append(KernelSpec(role, fn, ptrs, known, consts, warps, stages))
 
     spec("gr_line_count", grid_row._gr_line_count_kernel, (("idx_ptr", i32), ("lcounts_ptr", i32)), geo,
-         grid_row.histogram_config())
+         grid_row.line_count_config(N, K))
     spec("gr_histogram", grid_row._gr_histogram_kernel,
          (("idx_ptr", i32), ("lcounts_ptr", i32), ("counts_ptr", i32), ("rank_ptr", i32)), geo, grid_row.histogram_config())
     spec("gr_scan_blocks", grid_row._gr_scan_blocks_kernel,

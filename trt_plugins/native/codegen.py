@@ -65,6 +65,7 @@ def _grid_constants() -> list[str]:
         f"static constexpr int64_t kGridRowMinTokens = {experts.GRID_ROW_MIN_TOKENS};",
         f"static constexpr int64_t kGrChunkExperts = {grid_row.GR_BC};",
         f"static constexpr int64_t kGrMaxChunks = {grid_row._MAX_CHUNKS};",
+        f"static constexpr int64_t kGrMaxLineBins = {grid_row.GR_MAX_LINE_BINS};",
         f"static constexpr int64_t kGrPrograms = {grid_row.GR_PROGRAMS};",
         f"static constexpr int64_t kGrTileRows = {grid_row._tile_rows()};",
         f"static constexpr int64_t kGrSortBlock = {hist['BLOCK']};",

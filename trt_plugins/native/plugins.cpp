@@ -351,11 +351,11 @@ static bool gridGeometry(int64_t n, GridGeometry& g)
 }
 
 // grid_row.max_tokens: the most tokens whose keys (2*s*P*T + 1) and pairs (T*K) fit int32; 0 if N
-// is no square.
+// is no square or has too many panels for the line-count histograms.
 static int64_t gridMaxTokens(int64_t k, int64_t n)
 {
     GridGeometry g;
-    if (!gridGeometry(n, g) || k <= 0)
+    if (!gridGeometry(n, g) || k <= 0 || g.s * g.p + 1 > gen::kGrMaxLineBins)
         return 0;
     return std::min((int64_t(INT32_MAX) - 1) / (2 * g.s * g.p), int64_t(INT32_MAX) / k);
 }
@@ -612,15 +612,13 @@ int32_t omnimoe_native_experts_launch(void const* x, void const* up, void const*
         CUdeviceptr gscr = take(gen::kGrPrograms * gen::kGrTileRows * z.gw);
         CUdeviceptr hscr = take(gen::kGrPrograms * gen::kGrTileRows * z.gw);
         CUdeviceptr y32 = fp32 ? p(y) : take(T * int64_t(d));
-        CUresult status = driver().memsetD32Async(lcounts, 0, size_t(z.nkey1), stream);
-        if (status == CUDA_SUCCESS)
-            status = driver().memsetD32Async(counts, 0, size_t(z.nkey1), stream);
+        CUresult status = driver().memsetD32Async(counts, 0, size_t(z.nkey1), stream);
         if (status == CUDA_SUCCESS)
             status = driver().memsetD32Async(y32, 0, size_t(T * int64_t(d)), stream); // 0x0 is +0.0f
         uint32_t sortGrid = uint32_t(cdiv(z.tk, gen::kGrSortBlock));
         if (status == CUDA_SUCCESS)
-            status = gen::launch__gr_line_count_kernel(
-                v->grLineCount, sortGrid, stream, p(indices), lcounts, tk, k, n, s, P, pwr, t32);
+            status = gen::launch__gr_line_count_kernel(v->grLineCount, uint32_t(T), stream, p(indices), lcounts, k, n, s, P,
+                pwr, t32); // one program per token, every count written
         if (status == CUDA_SUCCESS)
             status = gen::launch__gr_histogram_kernel(
                 v->grHistogram, sortGrid, stream, p(indices), lcounts, counts, rank, tk, k, n, s, P, pwr, t32);
