@@ -234,10 +234,9 @@ def pairs_workspace_bytes(max_tokens: int, top_k: int, num_experts: int, hidden_
 # Grid-line schedule (grid_row.py) for perfect-square N: "auto" runs it instead of the hybrid from
 # GRID_ROW_MIN_TOKENS tokens and EXPERT_CENTRIC_MIN_REUSE pairs per expert on (OmniMoELayer still
 # runs the dense GEMMs from DENSE_MIN_DENSITY; the TensorRT plugins have no dense). Measured on the H200
-# (scripts/bench_schedules.py, product-key routing, T=4096, d=1024, N=102400, bf16, experts only, eager
-# launches; benchmarks/schedules-h200.json): grid 1.14 / 1.47 / 2.39 / 3.69 ms at K = 512 / 1024 / 2048 /
-# 4096 against dense 2.43 / 2.54 / 2.81 / 3.40 and hybrid 2.34 / 4.66 / 9.29 / 18.5 (the grid's cost
-# grows with the panels per token, dense's does not).
+# (scripts/bench_layer.py's experts_only, benchmarks/h200.json: T=4096, d=1024, N=102400, bf16, the
+# layer's routing): grid 1.03 / 2.14 / 3.40 ms at K = 512 / 2048 / 4096 against dense 2.44 / 2.81 / 3.41
+# and hybrid 2.35 / 9.31 / 18.5 (the grid's cost grows with the panels per token, dense's does not).
 GRID_ROW_MIN_TOKENS = 256
 
 
@@ -326,8 +325,8 @@ def expert_grouped_matmul_triton(
 
     `schedule`: auto | token | expert (tile kernel accumulates y with fp32 atomics) | hybrid
     (tile kernel computes act(<up, x>) * gate per pair on tensor cores, then a token-centric pass
-    sums the down rows without atomics) | grid (grid_row.py: whole product-key grid rows times the
-    tokens that use them; N must be a perfect square).
+    sums the down rows without atomics) | grid (grid_row.py: whole product-key grid rows and
+    columns times the tokens that use them; N must be a perfect square).
 
     With out and workspace given: no allocation, no host sync, current stream only.
     """
@@ -409,7 +408,8 @@ def expert_grouped_matmul_triton(
 _DENSE_CHUNK_ELEMENTS = 1 << 29
 # OmniMoELayer's inference takes the dense schedule from this density K/N and token count on.
 # 1/32: dense's cost hardly depends on K, the grid-line one's grows with K (H200, N=102400, T=4096,
-# whole layer under a CUDA graph: K=2048 grid 2.80 ms vs dense 3.13; K=4096 dense 3.36 vs grid 4.07).
+# experts_only in benchmarks/h200.json: K=2048 grid 2.14 ms vs dense 2.81; K=4096 a tie, 3.40 vs 3.41,
+# and the layer keeps the dense GEMMs there).
 DENSE_MIN_DENSITY = 1.0 / 32
 DENSE_MIN_TOKENS = 256
 
