@@ -18,6 +18,23 @@ def event_times_ms(fn, iters: int, warmup: int) -> list[float]:
     return [a.elapsed_time(b) for a, b in evs]
 
 
+def capture_graph(fn):
+    """(graph, output) of fn captured as a CUDA graph, after two warm-up calls on a side stream
+    (as torch recommends: kernels compiled, cuBLAS workspaces made outside the capture)."""
+    import torch
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(2):
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = fn()
+    return graph, out
+
+
 def bench_layer(d: int, inter: int, n: int, k: int, t: int):
     """(layer, x): a bf16 OmniMoE layer on the GPU (backend="triton", eval) with router logits of unit
     scale, so routing is as peaked as a trained batch-normed router's, and x [t, d]."""

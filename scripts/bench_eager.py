@@ -26,7 +26,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from bench_common import bench_layer, event_times_ms  # noqa: E402
+from bench_common import bench_layer, capture_graph, event_times_ms  # noqa: E402
 
 from bench_layer import CONFIGS  # noqa: E402  (the design contract's configs, one table)
 
@@ -53,17 +53,7 @@ def _host_us(fn, iters):
 
 
 def _graph_ms(fn, iters):
-    import torch
-
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for _ in range(2):
-            fn()
-    torch.cuda.current_stream().wait_stream(side)
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        fn()
+    g, _ = capture_graph(fn)
     ms = _events(g.replay, iters)
     del g
     return ms

@@ -33,7 +33,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from bench_common import bench_layer, event_times_ms  # noqa: E402
+from bench_common import bench_layer, capture_graph, event_times_ms  # noqa: E402
 
 # name: (d, I, N, K, T)   -- SPEC §7
 CONFIGS = {
@@ -172,16 +172,8 @@ def worker(name: str, iters: int, first_call_only: bool = False) -> dict:
         _busy(lambda: layer(x))
         res["triton"] = _time(lambda: layer(x), iters)
 
-        # CUDA graph of the whole layer forward (warm-up on a side stream, as torch recommends).
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            for _ in range(2):
-                layer(x)
-        torch.cuda.current_stream().wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            y_graph = layer(x)
+        # CUDA graph of the whole layer forward.
+        graph, y_graph = capture_graph(lambda: layer(x))
         graph.replay()
         torch.cuda.synchronize()
         res["graph_matches_eager"] = bool(torch.equal(y_graph, y_tri)) or float((y_graph.float() - y_tri.float()).norm() / y_tri.float().norm()) < 1e-3

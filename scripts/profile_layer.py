@@ -15,7 +15,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "scripts"))
-from bench_common import bench_layer, event_times_ms  # noqa: E402
+from bench_common import bench_layer, capture_graph, event_times_ms  # noqa: E402
 from bench_layer import CONFIGS  # noqa: E402
 
 
@@ -44,15 +44,7 @@ def profile(name: str, schedule: str, rows: int, iters: int) -> None:
     ke.use_dense = _forced(schedule)
     try:
         with torch.inference_mode():
-            side = torch.cuda.Stream()
-            side.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(side):
-                for _ in range(2):
-                    layer(x)
-            torch.cuda.current_stream().wait_stream(side)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
-                layer(x)
+            graph, _ = capture_graph(lambda: layer(x))
             ms = statistics.median(event_times_ms(graph.replay, iters, 3))
             print(f"{name} schedule={schedule}: CUDA graph {ms:.3f} ms (median of {iters})", flush=True)
             with torch_profile(activities=[ProfilerActivity.CUDA]) as prof:
