@@ -190,6 +190,8 @@ def test_schedule_choice():
     assert not ke.use_grid_row(4096, 16, 4096)  # readme: token-centric
     assert not ke.use_grid_row(4096, 16, 1 << 20) and not ke.use_grid_row(64, 4096, 102400)
     assert not ke.use_grid_row(4096, 600, 102399)  # no square grid: the sorted-pairs schedules
+    # The line-count histograms hold s*P < GR_MAX_LINE_BINS panels per direction: N <= 1600^2.
+    assert ke.use_grid_row(70_000, 4096, 1600**2) and not ke.use_grid_row(70_000, 4096, 1601**2)
     assert ke.use_expert_centric(4096, 600, 102399) and not ke.use_grid_row(4096, 600, 102399)
     # Workspace: covers grid rows wherever auto may pick them for some T <= max_tokens.
     from omnimoe.kernels import grid_row as gr

@@ -139,7 +139,9 @@ def test_schedule_choice_matches_the_python_launcher(library):
 
     lib = native.NativeLib(library.path)
     seen = set()
-    for K, N, _ in EXPERT_SHAPES + ((2, 9, 8), (3, 100, 8), (50, 1000, 8), (64, 4096, 8), (4096, 1 << 20, 8)):
+    # 1600^2 is the largest grid whose s*P panels per direction fit the line-count histograms.
+    for K, N, _ in EXPERT_SHAPES + ((2, 9, 8), (3, 100, 8), (50, 1000, 8), (64, 4096, 8), (4096, 1 << 20, 8),
+                                    (4096, 1600**2, 8), (4096, 1601**2, 8)):
         reuse_t = math.ceil(experts.EXPERT_CENTRIC_MIN_REUSE * N / K)
         limit = grid_row.max_tokens(K, N)
         ts = {1, 2, 64, 65, 66, 255, 256, 257, 300, 1024, 4096, 70_000, 2**31 // max(K, 1) + 1}
