@@ -13,14 +13,15 @@ pairs (row on ties), so a token's staircase is covered by its few top rows and t
 (benchmark routing, s = 320: ~21 / 46 / 68 panels per token at K = 512 / 2048 / 4096, against
 ~80 / 162 / 212 rows with row panels only). The pairs are counting-sorted by (panel, token):
 
-  line counts: pairs of each token per row panel and per column panel (atomics);
+  line counts: pairs of each token per row panel and per column panel (one program per token,
+  register histograms; N up to 1600^2, see GR_MAX_LINE_BINS);
   slots of p = the distinct tokens with at least one pair assigned to p (a counting sort of the
   T*K pairs by key p*T + t, with the slots compacted by a second scan).
   per (panel p, block of BM slots):  S = X_slots U_p^T (tensor cores, fp32 accumulators),
   H = act(S) o G (G = the slots' gates in p, duplicated ids add), Y[slot tokens] += H V_p (fp32
   atomics into a [T, d] fp32 accumulator), then one cast to x's dtype.
 
-FLOPs ~ 4*T*L*s*d for L panels per token (vs 4*T*N*d dense) and no per-pair row traffic: pairs
+FLOPs ~ 4*T*L*PWR*d for L panels per token (vs 4*T*N*d dense) and no per-pair row traffic: pairs
 only carry a position and a gate. G is built per block in a per-program fp32 scratch tile
 (zeroed, gates scattered with atomics, read back after a barrier); S is computed one BC-chunk of
 the panel at a time and H = act(S) o G stored to a per-program H tile, which the second product
