@@ -341,9 +341,9 @@ def expert_grouped_matmul_triton(
     if T == 0:
         return out
     act = ACT_IDS[activation]
-    if schedule == "auto":
-        from . import grid_row
+    from . import grid_row  # imports this module: not at the top
 
+    if schedule == "auto":
         if use_grid_row(T, K, N) and grid_row.fits_device(dev):
             schedule = "grid"
         else:
@@ -352,8 +352,6 @@ def expert_grouped_matmul_triton(
         _launch_token_centric(x, up, down, gates, indices, out, D, K, N, act, h_given=False)
         return out
     if schedule == "grid":
-        from . import grid_row
-
         if not grid_row.supported(T, K, N):
             raise ops.OmniMoEInputError(f"schedule 'grid' needs a perfect-square N (and int32-sized keys), got N={N}")
         if not grid_row.fits_device(dev):

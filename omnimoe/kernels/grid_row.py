@@ -121,7 +121,7 @@ def supported(T: int, K: int, N: int) -> bool:
 
 def _sizes(T, K, N, d, bm=None):
     s, P, pwr, nch = panel_geometry(N)
-    npanels = 2 * s * P
+    npanels = num_panels(N)
     nkey1 = npanels * T + 1
     nb = triton.cdiv(nkey1, GR_SCAN_BLOCK)
     tk = T * K

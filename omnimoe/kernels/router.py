@@ -22,7 +22,8 @@ K > 64 (`_product_key_topk_kernel`), per token (one CTA):
    in emission order.
 
 Cost per token: two sorts of s, ~25 bisection steps of <= 2 isqrt(K) narrowing binary searches,
-one sort of K, now most of the time (H200, T=4096, s=320, K=2048: ~0.9 ms in a phase split).
+and (SORTED only) one sort of K, then most of the time (H200, T=4096, s=320, K=2048: ~0.9 ms in a
+phase split).
 """
 from __future__ import annotations
 
@@ -353,13 +354,11 @@ def _router_logits_topk_small_kernel(
     _small_topk_store(vx, vy, gates_ptr, idx_ptr, t, s, K, KA, SOFTMAX, BLOCK_S, BLOCK_A, BLOCK_K)
 
 
-def _large_num_warps(s: int, K: int) -> int:
+def _large_num_warps(s: int) -> int:
     # H200, T=4096, s=320: 4 warps beat 8 at every K measured, sorted or not (K=512: 0.48 -> 0.28 ms
     # sorted, 0.34 -> 0.22 unsorted; K=1024: 0.61 -> 0.46, 0.35 -> 0.25; K=2048: 1.24 -> 0.90,
     # 0.39 -> 0.29); larger s keeps the 8 it was measured with.
-    if next_pow2(s) <= 512:
-        return 4
-    return 4 if max(next_pow2(K), next_pow2(s)) <= 256 else 8
+    return 4 if next_pow2(s) <= 512 else 8
 
 
 def _small_num_warps(s: int, ka: int) -> int:
@@ -408,7 +407,7 @@ def topk_kernel_config(grid_side: int, top_k: int, gate: str, sort: bool = True)
         STEPS_L=max(1, math.ceil(math.log2(block_l + 1))),
         STEPS_N=max(1, math.ceil(math.log2(s * s + 1))),
         SORTED=bool(sort),
-        num_warps=_large_num_warps(s, K),
+        num_warps=_large_num_warps(s),
     )
 
 

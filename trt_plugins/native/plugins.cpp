@@ -596,8 +596,9 @@ int32_t omnimoe_native_experts_launch(void const* x, void const* up, void const*
     if (schedule == gen::kScheduleGrid)
     {
         // Grid-line schedule (grid_row.launch): each pair's panel (its row or column, by the
-        // token's line counts), counting sort of the pairs by (panel, token), the work list of (panel, block of BM slots), the persistent panel kernel with fp32 atomics
-        // into y32 (y itself for fp32), then the cast to y's dtype.
+        // token's line counts), counting sort of the pairs by (panel, token), the work list of
+        // (panel, block of BM slots), the persistent panel kernel with fp32 atomics into y32 (y
+        // itself for fp32), then the cast to y's dtype.
         GridGeometry g;
         gridGeometry(n, g);
         GridSizes z = gridSizes(T, k, g, v->grBm);
