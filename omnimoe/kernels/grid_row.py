@@ -62,7 +62,9 @@ GR_LINE_CHUNK = 1024
 # Pairs per program of the sort kernels; scan block of the key counters.
 GR_SORT_BLOCK = 1024
 GR_SCAN_BLOCK = 1024
-GR_GATE_BLOCK = 256
+# Pairs per step of the panel kernel's gate scatter (more loads in flight: 2048 is 0.04 ms faster than
+# 256 at K = 512 and 0.17 ms at K = 4096, T = 4096).
+GR_GATE_BLOCK = 2048
 _CAST_BLOCK = 4096
 # Panels per step of the single-program work-list kernel.
 _BLOCKS_BLOCK = 1024
