@@ -310,6 +310,9 @@ INTERP_CASES = {
     "experts_prealloc_token": lambda: _expert_case(6, 20, 25, 4, "gelu_tanh", "token", prealloc=True, seed=12),
     "experts_duplicate_ids_expert": lambda: _expert_case(6, 16, 4, 6, "silu", "expert", dups=True, seed=13),
     "experts_many_tiles_expert": lambda: _expert_case(70, 16, 49, 8, "silu", "expert", seed=14),
+    # MANY_TOKENS tokens: the token-centric kernel's throughput config (8 rows of d = 512 per step: 3 steps).
+    "experts_many_tokens_token": lambda: _expert_case(256, 512, 49, 20, "silu", "token", seed=15),
+    "experts_many_tokens_hybrid": lambda: _expert_case(256, 512, 49, 20, "gelu", "hybrid", prealloc=True, seed=16),
     "layer_product_silu": lambda: _layer_case("product", "silu"),
     "layer_softmax_gelu": lambda: _layer_case("softmax", "gelu"),
     "layer_no_norm_gelu_tanh": lambda: _layer_case("product", "gelu_tanh", router_norm="none"),

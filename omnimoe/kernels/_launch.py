@@ -14,6 +14,10 @@ from ..errors import OmniMoEInputError
 
 # Byte alignment of every buffer carved out of a workspace (vector loads, TMA-friendly).
 ALIGN = 256
+# From this many tokens a launch of one program per token fills the GPU: the router's small-K
+# kernel and the token-centric kernel take their throughput configs (more programs resident, fewer
+# warps or rows each); fewer tokens (decode) keep the configs that shorten one token's latency.
+MANY_TOKENS = 256
 
 
 def interpreting() -> bool:

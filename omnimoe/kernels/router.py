@@ -35,7 +35,7 @@ import triton
 import triton.language as tl
 
 from .. import ops
-from ._launch import Carver, check_device, check_out, next_pow2
+from ._launch import MANY_TOKENS, Carver, check_device, check_out, next_pow2
 
 # Int32 words of per-token scratch per axis rank: x vals, y vals, x idx, y idx, and per lane
 # (<= 2 per axis rank) the emit prefix, tie prefix and strict counts.
@@ -118,6 +118,25 @@ def _tie_expert(j, xv_ptr, yv_ptr, xi_ptr, yi_ptr, q_ptr, g_ptr, s, R, NL, STEPS
     e = tl.load(xi_ptr + a) * s + tl.load(yi_ptr + b)
     v = tl.load(xv_ptr + a) + tl.load(yv_ptr + b)
     return e, v
+
+
+@triton.jit
+def _tie_chunk(j0, n_tie, ch, xv_ptr, yv_ptr, xi_ptr, yi_ptr, q_ptr, g_ptr, s, R, NL, STEPS_L: tl.constexpr):
+    """Ties j0 + ch (of n_tie): (expert, score, mask of real ties)."""
+    j = j0 + ch
+    jm = j < n_tie
+    e, v = _tie_expert(tl.where(jm, j, 0), xv_ptr, yv_ptr, xi_ptr, yi_ptr, q_ptr, g_ptr, s, R, NL, STEPS_L)
+    return e, v, jm
+
+
+@triton.jit
+def _store_ties(out_g, out_i, e, v, m, e_star, written):
+    """Store the ties in m with expert < e_star after the `written` outputs; the new count."""
+    sel = m & (e < e_star)
+    pos = written + tl.cumsum(sel.to(tl.int32), axis=0) - 1
+    tl.store(out_g + pos, v, mask=sel)
+    tl.store(out_i + pos, e, mask=sel)
+    return written + tl.sum(sel.to(tl.int32), axis=0)
 
 
 @triton.jit
@@ -216,37 +235,24 @@ def _product_key_topk_kernel(
         # handful of items) stay in registers for all STEPS_N steps; any further chunks reload.
         need = K - n_gt
         n_tie = total_ge - n_gt
-        m0 = ch < n_tie
-        e0, v0 = _tie_expert(tl.where(m0, ch, 0), xv_ptr, yv_ptr, xi_ptr, yi_ptr, q_ptr, g_ptr, s, R, NL, STEPS_L)
+        e0, v0, m0 = _tie_chunk(0, n_tie, ch, xv_ptr, yv_ptr, xi_ptr, yi_ptr, q_ptr, g_ptr, s, R, NL, STEPS_L)
         elo = tl.zeros_like(n_tie)
         ehi = tl.zeros_like(n_tie) + s * s
         for _ in range(STEPS_N):
             emid = (elo + ehi) // 2
             c = tl.sum((m0 & (e0 < emid)).to(tl.int32), axis=0)
             for j0 in range(CHUNK, n_tie, CHUNK):
-                j = j0 + ch
-                jm = j < n_tie
-                e, v = _tie_expert(tl.where(jm, j, 0), xv_ptr, yv_ptr, xi_ptr, yi_ptr, q_ptr, g_ptr, s, R, NL, STEPS_L)
+                e, _, jm = _tie_chunk(j0, n_tie, ch, xv_ptr, yv_ptr, xi_ptr, yi_ptr, q_ptr, g_ptr, s, R, NL, STEPS_L)
                 c += tl.sum((jm & (e < emid)).to(tl.int32), axis=0)
             # Once elo == ehi, emid == elo and c >= need, so the bounds stay put.
             ok = c >= need
             ehi = tl.where(ok, emid, ehi)
             elo = tl.where(ok, elo, emid + 1)
-        e_star = elo
-        sel = m0 & (e0 < e_star)
-        pos = n_gt + tl.cumsum(sel.to(tl.int32), axis=0) - 1
-        tl.store(out_g + pos, v0, mask=sel)
-        tl.store(out_i + pos, e0, mask=sel)
-        written = n_gt + tl.sum(sel.to(tl.int32), axis=0)
+        # e_star = elo: store the ties below it after the n_gt strict winners, chunk by chunk.
+        written = _store_ties(out_g, out_i, e0, v0, m0, elo, n_gt)
         for j0 in range(CHUNK, n_tie, CHUNK):
-            j = j0 + ch
-            jm = j < n_tie
-            e, v = _tie_expert(tl.where(jm, j, 0), xv_ptr, yv_ptr, xi_ptr, yi_ptr, q_ptr, g_ptr, s, R, NL, STEPS_L)
-            sel = jm & (e < e_star)
-            pos = written + tl.cumsum(sel.to(tl.int32), axis=0) - 1
-            tl.store(out_g + pos, v, mask=sel)
-            tl.store(out_i + pos, e, mask=sel)
-            written += tl.sum(sel.to(tl.int32), axis=0)
+            e, v, jm = _tie_chunk(j0, n_tie, ch, xv_ptr, yv_ptr, xi_ptr, yi_ptr, q_ptr, g_ptr, s, R, NL, STEPS_L)
+            written = _store_ties(out_g, out_i, e, v, jm, elo, written)
     tl.debug_barrier()
 
     ko = tl.arange(0, BLOCK_K)
@@ -361,12 +367,12 @@ def _large_num_warps(s: int) -> int:
     return 4 if next_pow2(s) <= 512 else 8
 
 
-def _small_num_warps(s: int, ka: int) -> int:
+def _small_num_warps(s: int, ka: int, many_tokens: bool = False) -> int:
     # Few warps keep the per-round max reductions inside a warp (shuffles, no block barrier);
-    # enough warps to hold s and the (next_pow2 ka)^2 candidate keys in registers. ka <= 16: one
-    # warp at any s (H200, T=4096, K=16, the layer's fused kernel: s=64 / 256 / 1024 took 42 / 55 /
-    # 110 us with 1 warp against 65 / 70 / 122 with 2 and 87 / 98 / 149 with 4).
-    if ka <= 16:
+    # enough warps to hold s and the (next_pow2 ka)^2 candidate keys in registers. With many
+    # tokens (_launch.MANY_TOKENS) and ka <= 16, one warp: H200, T=4096, K=16, s=64 / 256 / 1024
+    # took 42 / 55 / 110 us with 1 warp against 65 / 70 / 122 with 2 and 87 / 98 / 149 with 4.
+    if many_tokens and ka <= 16:
         return 1
     w = max(1, min(4, next_pow2(s) // 128))
     return max(w, 4 if ka > 32 else (2 if ka > 16 else 1))
@@ -470,12 +476,13 @@ def product_key_topk_triton(
     return gates_out, indices_out
 
 
-def router_logits_kernel_config(grid_side: int, top_k: int, gate: str, has_norm: bool) -> dict:
-    """Constexprs + num_warps of `_router_logits_topk_small_kernel` (K <= SMALL_K_MAX only)."""
+def router_logits_kernel_config(grid_side: int, top_k: int, gate: str, has_norm: bool, many_tokens: bool = False) -> dict:
+    """Constexprs + num_warps of `_router_logits_topk_small_kernel` (K <= SMALL_K_MAX only);
+    `many_tokens`: at least _launch.MANY_TOKENS tokens per launch."""
     s, K = int(grid_side), int(top_k)
     ka = min(K, s)
     return dict(HAS_NORM=bool(has_norm), SOFTMAX=(gate == "softmax"), BLOCK_S=max(16, next_pow2(s)),
-                BLOCK_A=max(16, next_pow2(ka)), BLOCK_K=max(16, next_pow2(K)), num_warps=_small_num_warps(s, ka))
+                BLOCK_A=max(16, next_pow2(ka)), BLOCK_K=max(16, next_pow2(K)), num_warps=_small_num_warps(s, ka, many_tokens))
 
 
 _router_logits_config_cached = functools.lru_cache(maxsize=64)(router_logits_kernel_config)
@@ -483,7 +490,7 @@ _router_logits_config_cached = functools.lru_cache(maxsize=64)(router_logits_ker
 
 def _router_logits_topk_launch(logits, scale, shift, s, K, gate, gates_out, indices_out) -> None:
     """Unchecked launch of `_router_logits_topk_small_kernel` (layer inference hot path)."""
-    meta = _router_logits_config_cached(s, K, gate, scale is not None)
+    meta = _router_logits_config_cached(s, K, gate, scale is not None, logits.shape[0] >= MANY_TOKENS)
     if scale is None:
         scale = shift = logits  # never read (HAS_NORM=False)
     _router_logits_topk_small_kernel[(logits.shape[0],)](
