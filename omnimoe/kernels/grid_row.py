@@ -196,11 +196,10 @@ def _gr_line_count_kernel(idx_ptr, lcounts_ptr, K, N, S, P, PWR, T, NB: tl.const
         k = k0 + kk
         e = tl.load(idx_ptr + t.to(tl.int64) * K + k, mask=k < K, other=-1)
         valid = (k < K) & (e >= 0) & (e < N)
-        e = tl.where(valid, e, 0)
-        i = e // S
-        j = e - i * S
-        h_row += tl.histogram(tl.where(valid, i * P + j // PWR, n_lines), NB)
-        h_col += tl.histogram(tl.where(valid, j * P + i // PWR, n_lines), NB)
+        # With T = 1 and t = 0 the keys are the panel numbers: rows < n_lines <= columns.
+        rk, _, ck, _ = _gr_line_keys(tl.where(valid, e, 0), 0, S, P, PWR, 1)
+        h_row += tl.histogram(tl.where(valid, rk, n_lines), NB)
+        h_col += tl.histogram(tl.where(valid, ck - n_lines, n_lines), NB)
     b = tl.arange(0, NB)
     bm = b < n_lines
     tl.store(lcounts_ptr + b.to(tl.int64) * T + t, h_row, mask=bm)
