@@ -363,9 +363,10 @@ def table(results: list[dict]) -> str:
         misses = _misses(r)
         met = "-" if name not in TARGETS_MS and name not in TARGETS_EAGER_MS else ("yes" if not misses else "no: " + ", ".join(misses))
         fp32 = max(r.get(f"rel_err_fp32_{k}", float("nan")) for k in ("token", "expert", "hybrid", "grid", "dense"))
+        ort_mark = " (earlier run)" if r.get("ort_cuda_from_earlier_run") else ""
         lines.append(
             f"| {name} | {r['T']} | {r['N']} | {r['K']} | {_fmt(r, 'dense')} | {_fmt(r, 'peer')} | {_fmt(r, 'reference')} "
-            f"| {_fmt(r, 'triton')} | {_fmt(r, 'triton_graph')} | {r['roofline_ms']:.3f} | {_fmt(r, 'ort_cuda')} "
+            f"| {_fmt(r, 'triton')} | {_fmt(r, 'triton_graph')} | {r['roofline_ms']:.3f} | {_fmt(r, 'ort_cuda')}{ort_mark} "
             f"| {'%.1fx' % (peer / best) if peer else 'n/a'} | {r['roofline_ms'] / best:.2f} "
             f"| {tgt} | {met} | {r['first_call_s']:.1f} / {r.get('first_call_cold_s', float('nan')):.1f} "
             f"| {r['agree_pct']:.2f}% / {r.get('near_tie_pct', 0.0):.2f}% / {r.get('routing_mismatches', 'n/a')} "
@@ -450,6 +451,12 @@ def main() -> int:
                     r["first_call_cold_s"] = cold["first_call_s"]
             except subprocess.TimeoutExpired:
                 r = {"name": name, "error": f"timed out after {args.timeout}s"}
+        prev = previous_rows.get(name, {})
+        if args.no_ort and not args.ort_only and "ort_cuda" in prev and "error" not in r:
+            # --append --no-ort re-measures our rows only: the ONNX Runtime row of an earlier run
+            # (ORT needs its CUDA wheel on the machine) is kept and marked as such.
+            r["ort_cuda"] = prev["ort_cuda"]
+            r["ort_cuda_from_earlier_run"] = True
         if name in ORT_CONFIGS and not args.no_ort and "error" not in r:
             ort_cmd = [sys.executable, str(Path(__file__).resolve()), "--ort-worker", name, "--iters", str(args.iters),
                        "--ort-cache", ort_cache]
