@@ -242,7 +242,7 @@ def _product_key_topk_kernel(
             emid = (elo + ehi) // 2
             c = tl.sum((m0 & (e0 < emid)).to(tl.int32), axis=0)
             for j0 in range(CHUNK, n_tie, CHUNK):
-                e, _, jm = _tie_chunk(j0, n_tie, ch, xv_ptr, yv_ptr, xi_ptr, yi_ptr, q_ptr, g_ptr, s, R, NL, STEPS_L)
+                e, _score, jm = _tie_chunk(j0, n_tie, ch, xv_ptr, yv_ptr, xi_ptr, yi_ptr, q_ptr, g_ptr, s, R, NL, STEPS_L)
                 c += tl.sum((jm & (e < emid)).to(tl.int32), axis=0)
             # Once elo == ehi, emid == elo and c >= need, so the bounds stay put.
             ok = c >= need
