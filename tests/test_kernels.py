@@ -609,3 +609,39 @@ def test_gpu_layer_matches_reference_and_graph_replays(N, K, T):
 
 if __name__ == "__main__" and "--interpret" in sys.argv:
     report(run_cases(INTERP_CASES))
+
+
+class _RecordingKernel:
+    """Stands in for a @triton.jit kernel: records the launch's meta-parameters, launches nothing."""
+
+    def __init__(self):
+        self.metas = []
+
+    def __getitem__(self, grid):
+        return lambda *args, **meta: self.metas.append(meta)
+
+
+def test_many_tokens_launch_configs(monkeypatch):
+    """From MANY_TOKENS tokens per launch the layer's small-K router tail and the token-centric
+    kernel take their throughput configs; fewer tokens (decode) keep the latency ones."""
+    from omnimoe.kernels import experts as ke
+    from omnimoe.kernels import router as kr
+    from omnimoe.kernels._launch import MANY_TOKENS
+
+    few, many = ke.token_centric_config(1024, 16, 0, False), ke.token_centric_config(1024, 16, 0, False, True)
+    assert (few["BLOCK_K"], few["num_warps"]) == (16, 8) and (many["BLOCK_K"], many["num_warps"]) == (4, 4)
+    assert kr.router_logits_kernel_config(1024, 16, "product", True)["num_warps"] == 4
+    assert kr.router_logits_kernel_config(1024, 16, "product", True, True)["num_warps"] == 1
+    assert kr.router_logits_kernel_config(320, 64, "product", True, True)["num_warps"] == 4  # ka > 16: unchanged
+    token, tail = _RecordingKernel(), _RecordingKernel()
+    monkeypatch.setattr(ke, "_token_centric_kernel", token)
+    monkeypatch.setattr(kr, "_router_logits_topk_small_kernel", tail)
+    d, N, K = 1024, 64, 16
+    up = torch.zeros(N, d)
+    for T in (MANY_TOKENS - 1, MANY_TOKENS):
+        x, g, i = torch.zeros(T, d), torch.zeros(T, K), torch.zeros(T, K, dtype=torch.int32)
+        ke.token_centric_fast(x, up, up, g, i, torch.empty_like(x), 0)
+        ke._launch_token_centric(x, up, up, g, i, torch.empty_like(x), d, K, N, 0, h_given=True)
+        kr._router_logits_topk_launch(torch.zeros(T, 2 * 1024), None, None, 1024, K, "product", g, i)
+    assert [(m["BLOCK_K"], m["num_warps"]) for m in token.metas] == [(16, 8), (16, 8), (4, 4), (4, 4)]
+    assert [m["num_warps"] for m in tail.metas] == [4, 1]

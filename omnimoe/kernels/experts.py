@@ -273,7 +273,8 @@ def token_centric_config(hidden_size: int, top_k: int, act: int, h_given: bool, 
     """Constexprs + num_warps of `_token_centric_kernel` (one place; the native plugins compile it).
     `many_tokens` (at least _launch.MANY_TOKENS per launch): 4 warps and [BLOCK_K, BLOCK_D] tiles of
     4096 elements, more programs resident per SM (H200, d=1024, K=16, T=4096, N = 64^2 / 256^2 /
-    1024^2: 4 rows per step took 37 / 64 / 72 us against 82 / 101 / 110 with 16 rows and 8 warps).
+    1024^2: 4 rows per step took 37 / 64 / 72 us against 82 / 101 / 110 with 16 rows and 8 warps;
+    scripts/sweep_small_k.py).
     Fewer tokens keep all rows in flight at once: one token's latency (decode)."""
     block_d = next_pow2(int(hidden_size))
     if many_tokens:

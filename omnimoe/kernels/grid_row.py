@@ -63,7 +63,8 @@ GR_LINE_CHUNK = 1024
 GR_SORT_BLOCK = 1024
 GR_SCAN_BLOCK = 1024
 # Pairs per step of the panel kernel's gate scatter (more loads in flight: 2048 is 0.04 ms faster than
-# 256 at K = 512 and 0.17 ms at K = 4096, T = 4096).
+# 256 at K = 512 and 0.17 ms at K = 4096, T = 4096: scripts/ab_grid_panel.py --variants
+# "base;base:GATE_BLOCK=256").
 GR_GATE_BLOCK = 2048
 _CAST_BLOCK = 4096
 # Panels per step of the single-program work-list kernel.

@@ -371,7 +371,8 @@ def _small_num_warps(s: int, ka: int, many_tokens: bool = False) -> int:
     # Few warps keep the per-round max reductions inside a warp (shuffles, no block barrier);
     # enough warps to hold s and the (next_pow2 ka)^2 candidate keys in registers. With many
     # tokens (_launch.MANY_TOKENS) and ka <= 16, one warp: H200, T=4096, K=16, s=64 / 256 / 1024
-    # took 42 / 55 / 110 us with 1 warp against 65 / 70 / 122 with 2 and 87 / 98 / 149 with 4.
+    # took 42 / 55 / 110 us with 1 warp against 65 / 70 / 122 with 2 and 87 / 98 / 149 with 4
+    # (scripts/sweep_small_k.py).
     if many_tokens and ka <= 16:
         return 1
     w = max(1, min(4, next_pow2(s) // 128))
