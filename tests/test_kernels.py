@@ -645,3 +645,40 @@ def test_many_tokens_launch_configs(monkeypatch):
         kr._router_logits_topk_launch(torch.zeros(T, 2 * 1024), None, None, 1024, K, "product", g, i)
     assert [(m["BLOCK_K"], m["num_warps"]) for m in token.metas] == [(16, 8), (16, 8), (4, 4), (4, 4)]
     assert [m["num_warps"] for m in tail.metas] == [4, 1]
+
+
+def test_every_kernel_compiles_for_sm90():
+    """triton's code generator (not the interpreter, which runs the kernels as Python) accepts every
+    kernel as launched: the native library's specs of large- and small-K routers and of the grid
+    schedule in bf16 and fp32, plus the layer-only throughput configs; compiled for sm_90 here,
+    without a GPU. (A loop variable rebound to another type passed the interpreter and failed here.)"""
+    from trt_plugins.native import aot
+
+    from omnimoe.kernels import experts as ke
+    from omnimoe.kernels import router as kr
+
+    variants = [aot.TopKVariant(320, 512, "product"), aot.TopKVariant(320, 4096, "softmax"),
+                aot.TopKVariant(1024, 16, "product"), aot.ExpertsVariant(1024, 102400, 512, "bf16", "silu"),
+                aot.ExpertsVariant(64, 102400, 4096, "fp32", "gelu")]
+    specs = {}
+    for v in variants:
+        for spec in aot.kernel_specs(v):
+            specs.setdefault((spec.fn.__name__, repr(spec.signature()), spec.num_warps), spec)
+    consts, warps, stages = aot._split_meta(ke.token_centric_config(1024, 16, 0, False, True))
+    token = next(s for s in aot.kernel_specs(variants[3]) if s.role == "token")
+    specs["token_many"] = aot.KernelSpec("token", token.fn, token.pointer_types, token.known_ints, consts, warps, stages)
+    for s, many in ((1024, True), (1024, False), (64, True)):
+        consts, warps, stages = aot._split_meta(kr.router_logits_kernel_config(s, 16, "product", True, many))
+        ptrs = (("logits_ptr", "bf16"), ("scale_ptr", "fp32"), ("shift_ptr", "fp32"), ("gates_ptr", "fp32"),
+                ("idx_ptr", "i32"))
+        specs[("tail", s, many)] = aot.KernelSpec("tail", kr._router_logits_topk_small_kernel, ptrs, (("s", s),),
+                                                  consts, warps, stages)
+    failures = []
+    for key, spec in specs.items():
+        try:
+            image = aot._compile_one(spec, 90)
+            assert image.data and image.num_warps == spec.num_warps
+        except Exception as e:  # noqa: BLE001 - collect every failing kernel
+            failures.append(f"{spec.fn.__name__}: {str(e).splitlines()[0][:200]}")
+    assert not failures, failures
+    assert len(specs) >= 20
