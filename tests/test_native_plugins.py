@@ -499,9 +499,9 @@ _FAKE_HOST = textwrap.dedent(
 _PTR_NAMES = ("x", "up", "down", "gates", "indices", "y", "ws")
 
 
-def _native_launch_log(library_path, cases, tmp_path, env=None):
-    """[(case events)] where an event is ("memset", (buffer, offset), count) or
-    ("launch", kernel, grid, (args...)), pointers as (buffer name, byte offset)."""
+def _run_fake_host(host_source, library_path, cases, tmp_path, env=None):
+    """Run `host_source` (argv: fake libcuda, library, cases as JSON) against the fake libcuda;
+    returns (the launch log's path, the kernels' arity spec)."""
     fake = tmp_path / "libcuda.so.1"
     subprocess.run(["g++", "-shared", "-fPIC", "-O1", "-Wl,-soname,libcuda.so.1", "-x", "c", "-", "-o", str(fake)],
                    input=_FAKE_LIBCUDA, text=True, check=True)
@@ -510,12 +510,19 @@ def _native_launch_log(library_path, cases, tmp_path, env=None):
         for fn in codegen._launched_kernels()) + ";"
     log = tmp_path / "launches.log"
     script = tmp_path / "fake_host.py"
-    script.write_text(_FAKE_HOST)
+    script.write_text(host_source)
     env = dict(os.environ, FAKE_CUDA_LOG=str(log), FAKE_CUDA_ARITY=arity, FAKE_CUDA_MAJOR="9", FAKE_CUDA_MINOR="0",
                OMNIMOE_NATIVE_QUIET="1", **(env or {}))
     proc = subprocess.run([sys.executable, str(script), str(fake), str(library_path), json.dumps(cases)],
                           capture_output=True, text=True, env=env)
     assert proc.returncode == 0, proc.stderr[-2000:]
+    return log, arity
+
+
+def _native_launch_log(library_path, cases, tmp_path, env=None):
+    """[(case events)] where an event is ("memset", (buffer, offset), count) or
+    ("launch", kernel, grid, threads, (args...)), pointers as (buffer name, byte offset)."""
+    log, arity = _run_fake_host(_FAKE_HOST, library_path, cases, tmp_path, env)
 
     def ptr(v):
         v = int(v)
@@ -529,9 +536,9 @@ def _native_launch_log(library_path, cases, tmp_path, env=None):
             assert rest[1] == "0"
             events.append(("memset", ptr(rest[0]), int(rest[2])))
         else:
-            name, grid, _threads, *vals = rest
+            name, grid, threads, *vals = rest
             args = tuple(ptr(v) if t == "p" else int(v) for t, v in zip(spec[name], vals))
-            events.append(("launch", name, int(grid), args))
+            events.append(("launch", name, int(grid), int(threads), args))
     return events
 
 
@@ -555,8 +562,8 @@ def _python_launch_log(cases, monkeypatch):
             self.name = fn.__name__
 
         def __getitem__(self, grid):
-            def run(*args, **_meta):
-                events.append(("launch", self.name, int(grid[0]),
+            def run(*args, **meta):
+                events.append(("launch", self.name, int(grid[0]), 32 * int(meta.get("num_warps", 4)),
                                tuple(norm(a) if isinstance(a, torch.Tensor) else int(a) for a in args)))
             return run
 
@@ -630,3 +637,54 @@ def test_grid_schedule_falls_back_where_its_shared_memory_does_not_fit(library, 
     assert native_events == [e for log in python_logs for e in log]
     kernels = {e[1] for e in native_events if e[0] == "launch"}
     assert "_expert_tile_kernel" in kernels and "_gr_panel_kernel" not in kernels
+
+
+_MANY_TOKENS_HOST = textwrap.dedent(
+    """
+    import ctypes, json, os, sys
+    fake, library, cases = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])
+    ctypes.CDLL(fake, mode=os.RTLD_NOW | os.RTLD_GLOBAL)
+    lib = ctypes.CDLL(library)
+    P, I32, I64 = ctypes.c_void_p, ctypes.c_int32, ctypes.c_int64
+    lib.omnimoe_native_topk_launch.argtypes = [P] * 5 + [I64, I64] + [I32] * 3 + [P]
+    lib.omnimoe_native_experts_launch.argtypes = [P] * 7 + [I64, I64] + [I32] * 5 + [P]
+    lib.omnimoe_native_last_error.restype = ctypes.c_char_p
+    ptrs = [(i + 1) << 40 for i in range(7)]
+    for c in cases:
+        rc = lib.omnimoe_native_topk_launch(*ptrs[:5], 1 << 40, c["T"], c["s"], c["K"], 0, None)
+        assert rc == 0, lib.omnimoe_native_last_error()
+        rc = lib.omnimoe_native_experts_launch(*ptrs, 1 << 40, c["T"], c["d"], c["N"], c["K"], 2, 0, None)
+        assert rc == 0, lib.omnimoe_native_last_error()
+    """
+)
+
+
+def test_native_many_token_launches_take_the_throughput_configs(tmp_path):
+    """From MANY_TOKENS tokens per launch the native library launches the router's small-K kernel
+    and the token-centric experts with the configurations product_key_topk_triton and
+    expert_grouped_matmul_triton then use (threads per block = 32 * their num_warps), and below it
+    with the latency ones; at d = 1024, s = 1024, K = 16 the two differ. The hybrid schedule's
+    token-centric second stage (N = 4000: no grid) too."""
+    from omnimoe.kernels import experts, router
+    from omnimoe.kernels._launch import MANY_TOKENS
+
+    d, s, K = 1024, 1024, 16
+    variants = [native.TopKVariant(s, K, "product"), native.ExpertsVariant(d, s * s, K, "bf16", "silu"),
+                native.ExpertsVariant(d, 4000, K, "bf16", "silu")]
+    lib = native.build_library(variants, tmp_path / native.LIBRARY_NAME, sms=native.parse_sms("90"))
+    cases = [dict(T=T, d=d, s=s, K=K, N=s * s) for T in (MANY_TOKENS - 1, MANY_TOKENS)] + [
+        dict(T=5000, d=d, s=s, K=K, N=4000)]
+    assert [_python_schedule(c["T"], K, c["N"]) for c in cases] == ["token", "token", "hybrid"]
+    log, _ = _run_fake_host(_MANY_TOKENS_HOST, lib.path, cases, tmp_path)
+    launches = [line.split()[1:4] for line in log.read_text().splitlines() if line.startswith("launch")]
+    launches = [item for item in launches if item[0] in ("_product_key_topk_small_kernel", "_token_centric_kernel")]
+    want = []
+    for c in cases:
+        many = c["T"] >= MANY_TOKENS
+        topk_warps = router.topk_kernel_config(s, K, "product", many_tokens=many)[1]["num_warps"]
+        token_warps = experts.token_centric_config(d, K, 0, c["N"] == 4000, many)["num_warps"]
+        want += [["_product_key_topk_small_kernel", str(c["T"]), str(32 * topk_warps)],
+                 ["_token_centric_kernel", str(c["T"]), str(32 * token_warps)]]
+    assert launches == want
+    assert want[0][2] != want[2][2] and want[1][2] != want[3][2]  # the configs differ across the boundary
+    assert want[5][2] != str(32 * experts.token_centric_config(d, K, 0, True)["num_warps"])

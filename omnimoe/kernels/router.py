@@ -394,9 +394,10 @@ def _topk_outputs(T: int, K: int, dev, gates_out, indices_out):
     return gates_out, indices_out
 
 
-def topk_kernel_config(grid_side: int, top_k: int, gate: str, sort: bool = True):
+def topk_kernel_config(grid_side: int, top_k: int, gate: str, sort: bool = True, many_tokens: bool = False):
     """(kernel, constexprs + num_warps) that `product_key_topk_triton` launches for (s, K, gate)
-    (sort=False: the K > 64 kernel leaves the K winners in emission order).
+    (sort=False: the K > 64 kernel leaves the K winners in emission order; many_tokens: at least
+    _launch.MANY_TOKENS tokens, the small-K kernel's throughput warps).
 
     The one place these choices live: the native TensorRT plugins compile the same variant ahead
     of time from it (trt_plugins/native)."""
@@ -405,7 +406,7 @@ def topk_kernel_config(grid_side: int, top_k: int, gate: str, sort: bool = True)
     common = dict(SOFTMAX=(gate == "softmax"), BLOCK_S=max(16, next_pow2(s)), BLOCK_A=max(16, next_pow2(ka)),
                   BLOCK_K=max(16, next_pow2(K)))
     if K <= SMALL_K_MAX:
-        return _product_key_topk_small_kernel, dict(common, num_warps=_small_num_warps(s, ka))
+        return _product_key_topk_small_kernel, dict(common, num_warps=_small_num_warps(s, ka, many_tokens))
     block_k = common.pop("BLOCK_K")
     common.pop("BLOCK_A")
     block_l = max(16, next_pow2(2 * math.isqrt(K)))
@@ -461,7 +462,7 @@ def product_key_topk_triton(
     if K > 4096:
         raise ops.OmniMoEInputError(f"the Triton router supports top_k <= 4096, got {K}")
     ka = min(K, s)
-    kernel, meta = topk_kernel_config(s, K, gate, sort)
+    kernel, meta = topk_kernel_config(s, K, gate, sort, T >= MANY_TOKENS)
     if K <= SMALL_K_MAX:
         kernel[(T,)](
             log_probs_x, log_probs_y, gates_out, indices_out,

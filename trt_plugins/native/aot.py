@@ -147,12 +147,16 @@ def kernel_specs(variant) -> list[KernelSpec]:
 
     if isinstance(variant, TopKVariant):
         s, K = variant.grid_side, variant.top_k
-        kernel, meta = router.topk_kernel_config(s, K, variant.gate)
-        consts, warps, stages = _split_meta(meta)
         ptrs = (("px_ptr", "fp32"), ("py_ptr", "fp32"), ("gates_ptr", "fp32"), ("idx_ptr", "i32"),
                 ("wsf_ptr", "fp32"), ("wsi_ptr", "i32"))
         known = (("s", s), ("K", K), ("KA", min(K, s)), ("stride_px", s), ("stride_py", s))
-        return [KernelSpec("topk", kernel, ptrs, known, consts, warps, stages)]
+        specs = []
+        # topk_many: what product_key_topk_triton launches from _launch.MANY_TOKENS tokens on.
+        for role, many in (("topk", False), ("topk_many", True)):
+            kernel, meta = router.topk_kernel_config(s, K, variant.gate, many_tokens=many)
+            consts, warps, stages = _split_meta(meta)
+            specs.append(KernelSpec(role, kernel, ptrs, known, consts, warps, stages))
+        return specs
 
     if not isinstance(variant, ExpertsVariant):
         raise TypeError(variant)
@@ -164,8 +168,10 @@ def kernel_specs(variant) -> list[KernelSpec]:
     dkn = (("D", d), ("K", K), ("N", N))
     table = (("x_ptr", t), ("up_ptr", t), ("down_ptr", t), ("g_ptr", "fp32"), ("idx_ptr", "i32"))
     specs = []
-    for role, h_given in (("token", False), ("token_h", True)):
-        consts, warps, stages = _split_meta(experts.token_centric_config(d, K, act, h_given))
+    # *_many: the token-centric launches from _launch.MANY_TOKENS tokens on (experts._launch_token_centric).
+    for role, h_given, many in (("token", False, False), ("token_h", True, False), ("token_many", False, True),
+                                ("token_h_many", True, True)):
+        consts, warps, stages = _split_meta(experts.token_centric_config(d, K, act, h_given, many))
         specs.append(KernelSpec(role, experts._token_centric_kernel, table + (("y_ptr", t),), dkn, consts, warps, stages))
     i32 = "i32"
     sort_block = (("BLOCK", experts._SORT_BLOCK),)

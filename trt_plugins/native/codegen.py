@@ -44,13 +44,14 @@ def _launched_kernels():
 
 # Kernel sets of an ExpertsVariant row, in plugins.cpp's struct order; the grid-row ones are empty
 # ({nullptr, 0}) where the variant cannot take that schedule (gr_cast also for fp32).
-_EXPERT_ROLES = ("token", "token_h", "histogram", "scan_blocks", "scan_top", "scatter", "tile")
+_EXPERT_ROLES = ("token", "token_h", "token_many", "token_h_many", "histogram", "scan_blocks", "scan_top", "scatter", "tile")
 _GRID_ROLES = ("gr_line_count", "gr_histogram", "gr_scan_blocks", "gr_scatter", "gr_blocks", "gr_panel", "gr_cast")
 
 
 def _grid_constants() -> list[str]:
     """What plugins.cpp needs to choose the grid-row schedule, size its workspace and launch it."""
     from omnimoe.kernels import experts, grid_row
+    from omnimoe.kernels._launch import MANY_TOKENS
 
     hist, scan, scatter, cast = (grid_row.histogram_config(), grid_row.scan_blocks_config(),
                                  grid_row.scatter_config(), grid_row.cast_config())
@@ -63,6 +64,7 @@ def _grid_constants() -> list[str]:
         *(f"static constexpr int32_t kSchedule{name.capitalize()} = {SCHEDULES.index(name)};"
           for name in ("token", "hybrid", "grid")),
         f"static constexpr int64_t kGridRowMinTokens = {experts.GRID_ROW_MIN_TOKENS};",
+        f"static constexpr int64_t kManyTokens = {MANY_TOKENS};",
         f"static constexpr int64_t kGrChunkExperts = {grid_row.GR_BC};",
         f"static constexpr int64_t kGrMaxChunks = {grid_row._MAX_CHUNKS};",
         f"static constexpr int64_t kGrMaxLineBins = {grid_row.GR_MAX_LINE_BINS};",
@@ -228,7 +230,8 @@ def render(library: aot.CompiledLibrary) -> str:
         by_role = {spec.role: images for spec, images in kernels}
         if isinstance(variant, aot.TopKVariant):
             softmax = int(variant.gate == "softmax")
-            topk_rows.append(f"{{{variant.grid_side}, {variant.top_k}, {softmax}, {kset(by_role['topk'])}}}")
+            topk_rows.append(f"{{{variant.grid_side}, {variant.top_k}, {softmax}, {kset(by_role['topk'])}, "
+                             f"{kset(by_role['topk_many'])}}}")
         else:
             sets_c = ", ".join(kset(by_role[r]) for r in _EXPERT_ROLES)
             fp32 = variant.dtype == "fp32"

@@ -66,13 +66,14 @@ struct FieldDecl
 struct TopKVariant
 {
     int32_t s, k, softmax;
-    KernelSet topk;
+    KernelSet topk, topkMany; // topkMany: from kManyTokens tokens on (router.topk_kernel_config)
 };
 
 struct ExpertsVariant
 {
     int32_t d, n, k, dtype, act;
-    KernelSet token, tokenH, histogram, scanBlocks, scanTop, scatter, tile;
+    // tokenMany / tokenHMany: the token-centric launches from kManyTokens tokens on.
+    KernelSet token, tokenH, tokenMany, tokenHMany, histogram, scanBlocks, scanTop, scatter, tile;
     // Grid-row schedule (grid_row.py): the panel kernel's BM and the kernels, empty ({nullptr, 0})
     // where "auto" never picks it for this (K, N); grCast is empty for fp32 too.
     int32_t grBm;
@@ -478,7 +479,8 @@ static int32_t checkAligned(char const* op, char const* const* names, void const
 // Loads every kernel an experts variant may launch (the grid-row ones where it has them).
 static bool resolveExperts(ExpertsVariant const& v)
 {
-    for (KernelSet const* set : {&v.token, &v.tokenH, &v.histogram, &v.scanBlocks, &v.scanTop, &v.scatter, &v.tile,
+    for (KernelSet const* set : {&v.token, &v.tokenH, &v.tokenMany, &v.tokenHMany, &v.histogram, &v.scanBlocks,
+             &v.scanTop, &v.scatter, &v.tile,
              &v.grLineCount, &v.grHistogram, &v.grScanBlocks, &v.grScatter, &v.grBlocks, &v.grPanel, &v.grCast})
         if (set->count > 0 && !resolve(*set))
             return false;
@@ -527,8 +529,8 @@ int32_t omnimoe_native_topk_launch(void const* logProbsX, void const* logProbsY,
     auto p = [](void const* q) { return CUdeviceptr(reinterpret_cast<uintptr_t>(q)); };
     int32_t ka = std::min(k, s);
     CUresult status = k <= gen::kSmallKMax
-        ? gen::launch__product_key_topk_small_kernel(
-            v->topk, uint32_t(T), stream, p(logProbsX), p(logProbsY), p(gates), p(indices), s, k, ka, s, s)
+        ? gen::launch__product_key_topk_small_kernel(T >= gen::kManyTokens ? v->topkMany : v->topk, uint32_t(T), stream,
+            p(logProbsX), p(logProbsY), p(gates), p(indices), s, k, ka, s, s)
         : gen::launch__product_key_topk_kernel(v->topk, uint32_t(T), stream, p(logProbsX), p(logProbsY), p(gates),
             p(indices), p(workspace), p(workspace), s, k, ka, s, s);
     return launchFailed(op, status);
@@ -567,7 +569,8 @@ int32_t omnimoe_native_experts_launch(void const* x, void const* up, void const*
     if (schedule == gen::kScheduleToken)
     {
         gLastExpertsSchedule.store(schedule);
-        return launchFailed(op, gen::launch__token_centric_kernel(v->token, uint32_t(T), stream, p(x), p(up), p(down), p(gates),
+        return launchFailed(op, gen::launch__token_centric_kernel(T >= gen::kManyTokens ? v->tokenMany : v->token,
+                                    uint32_t(T), stream, p(x), p(up), p(down), p(gates),
                                     p(indices), p(y), d, k, n));
     }
     if (schedule == gen::kScheduleGrid && v->grPanel.count == 0)
@@ -665,7 +668,8 @@ int32_t omnimoe_native_experts_launch(void const* x, void const* up, void const*
             p(gates), p(indices), sorted, offsets, blockSums, rank, d, k, n);
     if (status == CUDA_SUCCESS)
         status = gen::launch__token_centric_kernel(
-            v->tokenH, uint32_t(T), stream, p(x), p(up), p(down), rank, p(indices), p(y), d, k, n);
+            T >= gen::kManyTokens ? v->tokenHMany : v->tokenH, uint32_t(T), stream, p(x), p(up), p(down), rank,
+            p(indices), p(y), d, k, n);
     return launchFailed(op, status);
 }
 
@@ -712,7 +716,7 @@ char const* omnimoe_native_info()
 int32_t omnimoe_native_prepare()
 {
     for (int32_t i = 0; i < gen::kNumTopKVariants; ++i)
-        if (!resolve(gen::kTopKVariants[i].topk))
+        if (!resolve(gen::kTopKVariants[i].topk) || !resolve(gen::kTopKVariants[i].topkMany))
             return 1;
     for (int32_t i = 0; i < gen::kNumExpertsVariants; ++i)
         if (!resolveExperts(gen::kExpertsVariants[i]))
@@ -947,7 +951,7 @@ public:
     {
         // Load the kernels here, outside enqueue (which may run inside a CUDA-graph capture).
         TopKVariant const* v = findTopK(int32_t(in[0].dims.d[1]), mTopK, mSoftmax);
-        return (v && resolve(v->topk)) ? 0 : 1;
+        return (v && resolve(v->topk) && resolve(v->topkMany)) ? 0 : 1;
     }
     int32_t enqueue(PluginTensorDesc const* inputDesc, PluginTensorDesc const*, void const* const* inputs,
         void* const* outputs, void* workspace, cudaStream_t stream) noexcept override
