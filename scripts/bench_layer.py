@@ -454,7 +454,8 @@ def main() -> int:
         prev = previous_rows.get(name, {})
         if args.no_ort and not args.ort_only and "ort_cuda" in prev and "error" not in r:
             # --append --no-ort re-measures our rows only: the ONNX Runtime row of an earlier run
-            # (ORT needs its CUDA wheel on the machine) is kept and marked as such.
+            # (ORT needs its CUDA wheel on the machine; it runs the standard-op twin, none of our
+            # kernels) is kept and marked as such.
             r["ort_cuda"] = prev["ort_cuda"]
             r["ort_cuda_from_earlier_run"] = True
         if name in ORT_CONFIGS and not args.no_ort and "error" not in r:
