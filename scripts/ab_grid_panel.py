@@ -26,7 +26,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "scripts"))
-from bench_common import capture_graph, event_times_ms  # noqa: E402
+from bench_common import capture_graph, event_times_ms, expert_tables, product_routing  # noqa: E402
 
 CONFIGS = {"paper_min": 512, "paper_k1024": 1024, "paper_k2048": 2048, "paper_k4096": 4096}  # K; T=4096, d=1024, N=320^2
 _ATOMIC_Y = 'tl.atomic_add(y_ptr + xrow[:, None] + d0 + dd2[None, :], o, mask=rm[:, None] & dm[None, :], sem="relaxed")'
@@ -81,8 +81,6 @@ def main() -> int:
         return 2
     import torch
 
-    from omnimoe import ops
-
     T, d, s = 4096, 1024, 320
     N, dev = s * s, torch.device("cuda")
     med = lambda fn: statistics.median(event_times_ms(fn, args.iters, 3))  # noqa: E731
@@ -91,11 +89,8 @@ def main() -> int:
             K = CONFIGS[name]
             torch.manual_seed(0)
             x = torch.randn(T, d, device=dev, dtype=torch.bfloat16)
-            up = (torch.randn(N, d, device=dev) * d**-0.5).to(torch.bfloat16)
-            down = (torch.randn(N, d, device=dev) * d**-0.5).to(torch.bfloat16)
-            px = torch.log_softmax(torch.randn(T, s, device=dev), -1)
-            py = torch.log_softmax(torch.randn(T, s, device=dev), -1)
-            gates, idx = ops.product_key_topk_reference(px, py, K, "product")
+            up, down = expert_tables(N, d, dev)
+            gates, idx = product_routing(T, s, K, dev)
             out = torch.empty(T, d, device=dev, dtype=torch.bfloat16)
             for vname, params in variants:
                 m = _variant_module(vname, params, Path(tmp))

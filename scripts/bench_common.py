@@ -35,6 +35,27 @@ def capture_graph(fn):
     return graph, out
 
 
+def expert_tables(n: int, d: int, device):
+    """(up, down) [n, d] bf16 expert tables of scale d^-0.5 (up drawn first)."""
+    import torch
+
+    up = (torch.randn(n, d, device=device) * d**-0.5).to(torch.bfloat16)
+    down = (torch.randn(n, d, device=device) * d**-0.5).to(torch.bfloat16)
+    return up, down
+
+
+def product_routing(t: int, s: int, k: int, device):
+    """(gates, indices) of the exact product-key top-k (product gates) over random per-axis
+    log-probs [t, s] (x axis drawn first): the routing the schedule benchmarks use."""
+    import torch
+
+    from omnimoe import ops
+
+    px = torch.log_softmax(torch.randn(t, s, device=device), -1)
+    py = torch.log_softmax(torch.randn(t, s, device=device), -1)
+    return ops.product_key_topk_reference(px, py, k, "product")
+
+
 def bench_layer(d: int, inter: int, n: int, k: int, t: int):
     """(layer, x): a bf16 OmniMoE layer on the GPU (backend="triton", eval) with router logits of unit
     scale, so routing is as peaked as a trained batch-normed router's, and x [t, d]."""

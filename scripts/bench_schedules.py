@@ -23,7 +23,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "scripts"))
-from bench_common import event_times_ms  # noqa: E402
+from bench_common import event_times_ms, expert_tables, product_routing  # noqa: E402
 
 CONFIGS = {  # name: (d, N, K, T)
     "readme": (1024, 4096, 16, 4096),
@@ -49,15 +49,10 @@ def _routing(kind, T, N, K, dev):
 
     import torch
 
-    from omnimoe import ops
-
     if kind == "uniform":
         idx = torch.rand(T, N, device=dev).topk(K, dim=1).indices.to(torch.int32)
         return torch.rand(T, K, device=dev) / K, idx
-    s = math.isqrt(N)
-    px = torch.log_softmax(torch.randn(T, s, device=dev), -1)
-    py = torch.log_softmax(torch.randn(T, s, device=dev), -1)
-    return ops.product_key_topk_reference(px, py, K, "product")
+    return product_routing(T, math.isqrt(N), K, dev)
 
 
 def _panels_per_token(idx, s, P, pwr) -> float:
@@ -94,8 +89,7 @@ def run(name, iters, schedules, grid_variants, routing, fp32_check):
     torch.manual_seed(0)
     dev = torch.device(DEVICE)
     x = torch.randn(T, d, device=dev, dtype=torch.bfloat16)
-    up = (torch.randn(N, d, device=dev) * d**-0.5).to(torch.bfloat16)
-    down = (torch.randn(N, d, device=dev) * d**-0.5).to(torch.bfloat16)
+    up, down = expert_tables(N, d, dev)
     gates, idx = _routing(routing, T, N, K, dev)
     res = {"name": name, "d": d, "N": N, "K": K, "T": T, "routing": routing}
     s, P, pwr, _ = gr.panel_geometry(N)

@@ -17,7 +17,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "scripts"))
-from bench_common import capture_graph, event_times_ms  # noqa: E402
+from bench_common import capture_graph, event_times_ms, expert_tables, product_routing  # noqa: E402
 
 TOKEN_CONFIGS = ((16, 8), (16, 4), (8, 4), (8, 8), (4, 4), (4, 2), (2, 4))  # (BLOCK_K, num_warps)
 
@@ -30,7 +30,6 @@ def main() -> int:
     args = ap.parse_args()
     import torch
 
-    from omnimoe import ops
     from omnimoe.kernels import experts as ke
     from omnimoe.kernels import router as kr
     from omnimoe.kernels._launch import MANY_TOKENS
@@ -53,11 +52,8 @@ def main() -> int:
             row.append(f"w{w}{'*' if w == picked['num_warps'] else ''} {ms * 1e3:.1f}")
         print(f"s={s} router (us): " + "  ".join(row), flush=True)
         x = torch.randn(T, d, device="cuda", dtype=torch.bfloat16)
-        up = (torch.randn(N, d, device="cuda") * d**-0.5).to(torch.bfloat16)
-        down = (torch.randn(N, d, device="cuda") * d**-0.5).to(torch.bfloat16)
-        px = torch.log_softmax(torch.randn(T, s, device="cuda"), -1)
-        py = torch.log_softmax(torch.randn(T, s, device="cuda"), -1)
-        g, i = ops.product_key_topk_reference(px, py, K, "product")
+        up, down = expert_tables(N, d, "cuda")
+        g, i = product_routing(T, s, K, "cuda")
         out = torch.empty_like(x)
         picked = ke.token_centric_config(d, K, 0, False, many)
         row = []

@@ -277,11 +277,9 @@ def token_centric_config(hidden_size: int, top_k: int, act: int, h_given: bool, 
     scripts/sweep_small_k.py).
     Fewer tokens keep all rows in flight at once: one token's latency (decode)."""
     block_d = next_pow2(int(hidden_size))
-    if many_tokens:
-        block_k = max(2, min(next_pow2(int(top_k)), 4096 // block_d))
-        return dict(ACT=act, BLOCK_D=block_d, BLOCK_K=block_k, H_GIVEN=h_given, num_warps=4)
-    block_k = max(2, min(next_pow2(int(top_k)), max(2, 16384 // block_d)))
-    return dict(ACT=act, BLOCK_D=block_d, BLOCK_K=block_k, H_GIVEN=h_given, num_warps=4 if block_d <= 512 else 8)
+    tile, warps = (4096, 4) if many_tokens else (16384, 4 if block_d <= 512 else 8)  # [BLOCK_K, BLOCK_D] elements
+    block_k = max(2, min(next_pow2(int(top_k)), tile // block_d))
+    return dict(ACT=act, BLOCK_D=block_d, BLOCK_K=block_k, H_GIVEN=h_given, num_warps=warps)
 
 
 def expert_tile_config(fp32: bool, act: int, store_h: bool) -> dict:
