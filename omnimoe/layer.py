@@ -307,7 +307,7 @@ class OmniMoELayer(nn.Module):
         _SIDE_STREAM_MIN_TOKENS tokens (below, the stream switches cost more host time than the
         overlap saves) or under graph capture."""
         from .kernels import experts as ke
-        from .kernels.swiglu import gated_act_fast
+        from .kernels.swiglu import gated_act_fast, gated_mlp_fast, gated_mlp_fusable
 
         cfg = self.config
         T = x2.shape[0]
@@ -338,9 +338,12 @@ class OmniMoELayer(nn.Module):
             else:
                 ke.expert_grouped_matmul_triton(x2, up, down, gates, indices, cfg.hidden_act, out=y)
         if shared:
-            g = F.linear(x2, self.gate_proj.weight)
-            u = F.linear(x2, self.up_proj.weight)
-            h = gated_act_fast(g, u, act) if g.dtype == u.dtype else ops.activation(cfg.hidden_act)(g) * u
+            wg, wu = self.gate_proj.weight, self.up_proj.weight
+            if gated_mlp_fusable(x2, wg, wu):
+                h = gated_mlp_fast(x2, wg, wu, act)  # gate and up stay fp32 until h is rounded
+            else:
+                g, u = F.linear(x2, wg), F.linear(x2, wu)
+                h = gated_act_fast(g, u, act) if g.dtype == u.dtype else ops.activation(cfg.hidden_act)(g) * u
             if side is not None:
                 main.wait_stream(side)
             y.addmm_(h, self.down_proj.weight.t())  # the residual add rides in the GEMM

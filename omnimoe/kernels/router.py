@@ -271,44 +271,52 @@ def _product_key_topk_kernel(
 
 
 @triton.jit
+def _take_max(v, idx, NONE: tl.constexpr):
+    """One round of "take the max": (max value, smallest live index holding it, v and idx with that
+    lane taken). Taken lanes hold (-inf, NONE), so ties, -inf included, go to the smallest live
+    index. fp32 and int32 reductions: cheaper than one packed int64 key per lane."""
+    m = tl.max(v, axis=0)
+    i = tl.min(tl.where(v == m, idx, NONE), axis=0)
+    hit = idx == i
+    return m, i, tl.where(hit, float("-inf"), v), tl.where(hit, NONE, idx)
+
+
+@triton.jit
 def _small_topk_store(vx, vy, gates_ptr, idx_ptr, t, s, K, KA,
                       SOFTMAX: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_A: tl.constexpr, BLOCK_K: tl.constexpr):
     """Exact top-K of vx[i] + vy[j] (both [BLOCK_S] fp32, -inf past s) for token t, in registers:
-    KA rounds of "take the max" per axis on packed unique int64 keys (a sort of s = 1024 costs far
-    more than 16 rounds), then K rounds over the pruned candidate grid; gates and ids stored."""
+    KA rounds of "take the max" per axis (a sort of s = 1024 costs far more than 16 rounds), then
+    K rounds over the pruned candidate grid; ties go to the smaller index; gates and ids stored."""
     offs = tl.arange(0, BLOCK_S)
-    lane_lo = (BLOCK_S - 1 - offs).to(tl.int64)  # larger for smaller index: ties -> smaller index
-    kx = (_f32_key(vx).to(tl.int64) << 32) | lane_lo
-    ky = (_f32_key(vy).to(tl.int64) << 32) | lane_lo
-    removed = -9223372036854775807 - 1
+    ax = offs
+    ay = offs
     ra = tl.arange(0, BLOCK_A)
     xs = tl.full([BLOCK_A], float("-inf"), tl.float32)
     ys = tl.full([BLOCK_A], float("-inf"), tl.float32)
     xi = tl.zeros([BLOCK_A], dtype=tl.int32)
     yi = tl.zeros([BLOCK_A], dtype=tl.int32)
     for r in range(KA):
-        mx = tl.max(kx, axis=0)
-        my = tl.max(ky, axis=0)
-        kx = tl.where(kx == mx, removed, kx)
-        ky = tl.where(ky == my, removed, ky)
-        xs = tl.where(ra == r, _key_f32((mx >> 32).to(tl.int32)), xs)
-        ys = tl.where(ra == r, _key_f32((my >> 32).to(tl.int32)), ys)
-        xi = tl.where(ra == r, (BLOCK_S - 1) - (mx & 0xFFFFFFFF).to(tl.int32), xi)
-        yi = tl.where(ra == r, (BLOCK_S - 1) - (my & 0xFFFFFFFF).to(tl.int32), yi)
-    # Candidate grid over ranks (a, b) with (a+1)(b+1) <= K; key = (score, -expert), unique.
+        mx, ix, vx, ax = _take_max(vx, ax, BLOCK_S)
+        my, iy, vy, ay = _take_max(vy, ay, BLOCK_S)
+        xs = tl.where(ra == r, mx, xs)
+        ys = tl.where(ra == r, my, ys)
+        # NaN log-probs match nothing: clamp so a stored id always names an expert.
+        xi = tl.where(ra == r, tl.minimum(ix, s - 1), xi)
+        yi = tl.where(ra == r, tl.minimum(iy, s - 1), yi)
+    # Candidate grid over ranks (a, b) with (a+1)(b+1) <= K; ties -> the smaller expert id.
     valid = (ra[:, None] < KA) & (ra[None, :] < KA) & ((ra[:, None] + 1) * (ra[None, :] + 1) <= K)
-    score = xs[:, None] + ys[None, :]
-    expert = xi[:, None] * s + yi[None, :]
-    cand = (_f32_key(score).to(tl.int64) << 32) | (0x7FFFFFFF - expert).to(tl.int64)
-    cand = tl.where(valid, cand, removed)
+    none = 0x7FFFFFFF
+    score = tl.where(valid, xs[:, None] + ys[None, :], float("-inf"))
+    expert = tl.where(valid, xi[:, None] * s + yi[None, :], none)
+    score = tl.reshape(score, [BLOCK_A * BLOCK_A])
+    expert = tl.reshape(expert, [BLOCK_A * BLOCK_A])
     rk = tl.arange(0, BLOCK_K)
     out_s = tl.zeros([BLOCK_K], dtype=tl.float32)
     out_e = tl.zeros([BLOCK_K], dtype=tl.int32)
     for r in range(K):
-        m = tl.max(tl.max(cand, axis=1), axis=0)
-        cand = tl.where(cand == m, removed, cand)
-        out_s = tl.where(rk == r, _key_f32((m >> 32).to(tl.int32)), out_s)
-        out_e = tl.where(rk == r, 0x7FFFFFFF - (m & 0xFFFFFFFF).to(tl.int32), out_e)
+        m, e, score, expert = _take_max(score, expert, none)
+        out_s = tl.where(rk == r, m, out_s)
+        out_e = tl.where(rk == r, tl.minimum(e, s * s - 1), out_e)
     km = rk < K
     tl.store(gates_ptr + t * K + rk, _gates_of(out_s, km, SOFTMAX), mask=km)
     tl.store(idx_ptr + t * K + rk, out_e, mask=km)
@@ -371,8 +379,9 @@ def _small_num_warps(s: int, ka: int, many_tokens: bool = False) -> int:
     # Few warps keep the per-round max reductions inside a warp (shuffles, no block barrier);
     # enough warps to hold s and the (next_pow2 ka)^2 candidate keys in registers. With many
     # tokens (_launch.MANY_TOKENS) and ka <= 16, one warp: H200, T=4096, K=16, s=64 / 256 / 1024
-    # took 42 / 55 / 110 us with 1 warp against 65 / 70 / 122 with 2 and 87 / 98 / 149 with 4
-    # (scripts/sweep_small_k.py).
+    # took 23 / 31 / 77 us with 1 warp against 49 / 51 / 91 with 2 and 78 / 84 / 110 with 4
+    # (scripts/sweep_small_k.py; fp32/int32 rounds of _take_max, which replaced int64 keys at
+    # 42 / 55 / 110 us with 1 warp).
     if many_tokens and ka <= 16:
         return 1
     w = max(1, min(4, next_pow2(s) // 128))
