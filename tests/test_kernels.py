@@ -290,15 +290,6 @@ _ROUTER_CASES = {
     "router_prealloc_strided": lambda p: _router_case(3, 7, 10, "product", prealloc=True, strided=True, seed=8, path=p),
 }
 
-# The small-K kernel's two-stage axis top (router._lane_group > 1 from s >= 128 at K <= 16): groups
-# of lanes, ties inside and across groups, s not a power of two (padded lanes in the last groups).
-_GROUP_CASES = {
-    "router_groups_s200_ties": lambda: _router_case(4, 200, 16, "product", ties=True, seed=40),
-    "router_groups_s256_softmax": lambda: _router_case(5, 256, 9, "softmax", seed=41),
-    "router_groups_s130_k1": lambda: _router_case(3, 130, 1, "product", ties=True, seed=42),
-    "router_logits_groups_s300": lambda: _router_logits_case(4, 300, 16, "product", seed=43),
-}
-
 # The large-K kernel's lanes (issue 11): row lanes a < isqrt(K), column lanes b < K // (isqrt(K)+1).
 # K at and around squares (lane counts change), K = s^2 (every pair), column lanes longer than row
 # lanes, and ties spread over both lane kinds; "large" path only.
@@ -319,7 +310,6 @@ _LANE_CASES = {
 INTERP_CASES = {
     **{f"{name}_{p}": (lambda f=f, p=p: f(p)) for name, f in _ROUTER_CASES.items() for p in ("small", "large")},
     **_LANE_CASES,
-    **_GROUP_CASES,
     "bad_workspace_and_out": _bad_workspace_case,
     **{f"experts_{act}_{sch}": (lambda a=act, sc=sch: _expert_case(7, 24, 36, 5, a, sc, seed=9))
        for act in ACTS for sch in ("token", "expert", "hybrid")},

@@ -282,52 +282,27 @@ def _take_max(v, idx, NONE: tl.constexpr):
 
 
 @triton.jit
-def _axis_top(v, KA, BLOCK_S: tl.constexpr, BLOCK_A: tl.constexpr, GROUP: tl.constexpr):
-    """The KA largest of v [BLOCK_S] (ties -> smaller index) as (values, indices) [BLOCK_A], -inf /
-    0 past KA. GROUP > 1: the top KA lanes lie in the KA groups of GROUP lanes with the largest
-    maxima (any other group has KA maxima above all of its lanes), so KA rounds over the group
-    maxima, then KA rounds over those groups' KA * GROUP lanes, replace KA rounds over all lanes."""
-    ra = tl.arange(0, BLOCK_A)
-    vals = tl.full([BLOCK_A], float("-inf"), tl.float32)
-    idx = tl.zeros([BLOCK_A], dtype=tl.int32)
-    if GROUP > 1:
-        NG: tl.constexpr = BLOCK_S // GROUP
-        v2 = tl.reshape(v, [NG, GROUP])
-        gmax = tl.max(v2, axis=1)
-        gid = tl.arange(0, NG)
-        sel = tl.zeros([BLOCK_A], dtype=tl.int32)
-        for r in range(KA):
-            _m, g, gmax, gid = _take_max(gmax, gid, NG)
-            sel = tl.where(ra == r, tl.minimum(g, NG - 1), sel)
-        lane = tl.arange(0, GROUP)
-        cand = tl.gather(v2, tl.broadcast_to(sel[:, None], [BLOCK_A, GROUP]), axis=0)
-        cand = tl.where(ra[:, None] < KA, cand, float("-inf"))
-        cidx = tl.where(ra[:, None] < KA, sel[:, None] * GROUP + lane[None, :], BLOCK_S)
-        v = tl.reshape(cand, [BLOCK_A * GROUP])
-        lanes = tl.reshape(cidx, [BLOCK_A * GROUP])
-    else:
-        lanes = tl.arange(0, BLOCK_S)
-    for r in range(KA):
-        m, i, v, lanes = _take_max(v, lanes, BLOCK_S)
-        vals = tl.where(ra == r, m, vals)
-        # NaN log-probs match nothing: clamp so a stored id always names an expert.
-        idx = tl.where(ra == r, tl.minimum(i, BLOCK_S - 1), idx)
-    return vals, idx
-
-
-@triton.jit
 def _small_topk_store(vx, vy, gates_ptr, idx_ptr, t, s, K, KA,
-                      SOFTMAX: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_A: tl.constexpr, BLOCK_K: tl.constexpr,
-                      GROUP: tl.constexpr):
+                      SOFTMAX: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_A: tl.constexpr, BLOCK_K: tl.constexpr):
     """Exact top-K of vx[i] + vy[j] (both [BLOCK_S] fp32, -inf past s) for token t, in registers:
-    KA rounds of "take the max" per axis (_axis_top; a sort of s = 1024 costs far more than 16
-    rounds), then K rounds over the pruned candidate grid; ties go to the smaller index; gates and
-    ids stored."""
+    KA rounds of "take the max" per axis (a sort of s = 1024 costs far more than 16 rounds), then
+    K rounds over the pruned candidate grid; ties go to the smaller index; gates and ids stored."""
+    offs = tl.arange(0, BLOCK_S)
+    ax = offs
+    ay = offs
     ra = tl.arange(0, BLOCK_A)
-    xs, xi = _axis_top(vx, KA, BLOCK_S, BLOCK_A, GROUP)
-    ys, yi = _axis_top(vy, KA, BLOCK_S, BLOCK_A, GROUP)
-    xi = tl.minimum(xi, s - 1)
-    yi = tl.minimum(yi, s - 1)
+    xs = tl.full([BLOCK_A], float("-inf"), tl.float32)
+    ys = tl.full([BLOCK_A], float("-inf"), tl.float32)
+    xi = tl.zeros([BLOCK_A], dtype=tl.int32)
+    yi = tl.zeros([BLOCK_A], dtype=tl.int32)
+    for r in range(KA):
+        mx, ix, vx, ax = _take_max(vx, ax, BLOCK_S)
+        my, iy, vy, ay = _take_max(vy, ay, BLOCK_S)
+        xs = tl.where(ra == r, mx, xs)
+        ys = tl.where(ra == r, my, ys)
+        # NaN log-probs match nothing: clamp so a stored id always names an expert.
+        xi = tl.where(ra == r, tl.minimum(ix, s - 1), xi)
+        yi = tl.where(ra == r, tl.minimum(iy, s - 1), yi)
     # Candidate grid over ranks (a, b) with (a+1)(b+1) <= K; ties -> the smaller expert id.
     valid = (ra[:, None] < KA) & (ra[None, :] < KA) & ((ra[:, None] + 1) * (ra[None, :] + 1) <= K)
     none = 0x7FFFFFFF
@@ -352,14 +327,13 @@ def _product_key_topk_small_kernel(
     px_ptr, py_ptr, gates_ptr, idx_ptr,
     s, K, KA, stride_px, stride_py,
     SOFTMAX: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_A: tl.constexpr, BLOCK_K: tl.constexpr,
-    GROUP: tl.constexpr,
 ):
     """Small K (<= 64): everything in registers, no workspace (see _small_topk_store)."""
     t = tl.program_id(0).to(tl.int64)
     offs = tl.arange(0, BLOCK_S)
     vx = tl.load(px_ptr + t * stride_px + offs, mask=offs < s, other=float("-inf"))
     vy = tl.load(py_ptr + t * stride_py + offs, mask=offs < s, other=float("-inf"))
-    _small_topk_store(vx, vy, gates_ptr, idx_ptr, t, s, K, KA, SOFTMAX, BLOCK_S, BLOCK_A, BLOCK_K, GROUP)
+    _small_topk_store(vx, vy, gates_ptr, idx_ptr, t, s, K, KA, SOFTMAX, BLOCK_S, BLOCK_A, BLOCK_K)
 
 
 @triton.jit
@@ -376,7 +350,7 @@ def _router_logits_topk_small_kernel(
     logits_ptr, scale_ptr, shift_ptr, gates_ptr, idx_ptr,
     s, K, KA, stride_l,
     HAS_NORM: tl.constexpr, SOFTMAX: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_A: tl.constexpr,
-    BLOCK_K: tl.constexpr, GROUP: tl.constexpr,
+    BLOCK_K: tl.constexpr,
 ):
     """Router tail for K <= 64 in one launch: the router GEMM's logits [T, 2s] (x axis, then y
     axis; any float dtype) -> eval batch-norm as l * scale + shift (fp32, optional) -> per-axis
@@ -391,7 +365,7 @@ def _router_logits_topk_small_kernel(
         ly = ly * tl.load(scale_ptr + s + offs, mask=m, other=1.0) + tl.load(shift_ptr + s + offs, mask=m, other=0.0)
     vx = _log_softmax_lanes(lx, m)
     vy = _log_softmax_lanes(ly, m)
-    _small_topk_store(vx, vy, gates_ptr, idx_ptr, t, s, K, KA, SOFTMAX, BLOCK_S, BLOCK_A, BLOCK_K, GROUP)
+    _small_topk_store(vx, vy, gates_ptr, idx_ptr, t, s, K, KA, SOFTMAX, BLOCK_S, BLOCK_A, BLOCK_K)
 
 
 def _large_num_warps(s: int) -> int:
@@ -412,12 +386,6 @@ def _small_num_warps(s: int, ka: int, many_tokens: bool = False) -> int:
         return 1
     w = max(1, min(4, next_pow2(s) // 128))
     return max(w, 4 if ka > 32 else (2 if ka > 16 else 1))
-
-
-def _lane_group(s: int, ka: int) -> int:
-    # Lanes per group of _axis_top's first stage: >= 4 * next_pow2(ka) groups, so the second stage
-    # sees at most a quarter of the lanes; 1 (one stage) when s is too small for that.
-    return max(1, next_pow2(s) // (4 * max(16, next_pow2(ka))))
 
 
 # Largest K for the register-only path (its candidate grid is next_pow2(K)^2 int64 keys).
@@ -447,8 +415,7 @@ def topk_kernel_config(grid_side: int, top_k: int, gate: str, sort: bool = True,
     common = dict(SOFTMAX=(gate == "softmax"), BLOCK_S=max(16, next_pow2(s)), BLOCK_A=max(16, next_pow2(ka)),
                   BLOCK_K=max(16, next_pow2(K)))
     if K <= SMALL_K_MAX:
-        return _product_key_topk_small_kernel, dict(common, GROUP=_lane_group(s, ka),
-                                                    num_warps=_small_num_warps(s, ka, many_tokens))
+        return _product_key_topk_small_kernel, dict(common, num_warps=_small_num_warps(s, ka, many_tokens))
     block_k = common.pop("BLOCK_K")
     common.pop("BLOCK_A")
     block_l = max(16, next_pow2(2 * math.isqrt(K)))
@@ -526,8 +493,7 @@ def router_logits_kernel_config(grid_side: int, top_k: int, gate: str, has_norm:
     s, K = int(grid_side), int(top_k)
     ka = min(K, s)
     return dict(HAS_NORM=bool(has_norm), SOFTMAX=(gate == "softmax"), BLOCK_S=max(16, next_pow2(s)),
-                BLOCK_A=max(16, next_pow2(ka)), BLOCK_K=max(16, next_pow2(K)), GROUP=_lane_group(s, ka),
-                num_warps=_small_num_warps(s, ka, many_tokens))
+                BLOCK_A=max(16, next_pow2(ka)), BLOCK_K=max(16, next_pow2(K)), num_warps=_small_num_warps(s, ka, many_tokens))
 
 
 _router_logits_config_cached = functools.lru_cache(maxsize=64)(router_logits_kernel_config)
