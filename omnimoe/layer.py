@@ -307,7 +307,8 @@ class OmniMoELayer(nn.Module):
         _SIDE_STREAM_MIN_TOKENS tokens (below, the stream switches cost more host time than the
         overlap saves) or under graph capture."""
         from .kernels import experts as ke
-        from .kernels.swiglu import gated_act_fast, gated_mlp_fast, gated_mlp_fusable
+        from .kernels import swiglu
+        from .kernels.swiglu import gated_act_fast
 
         cfg = self.config
         T = x2.shape[0]
@@ -339,8 +340,9 @@ class OmniMoELayer(nn.Module):
                 ke.expert_grouped_matmul_triton(x2, up, down, gates, indices, cfg.hidden_act, out=y)
         if shared:
             wg, wu = self.gate_proj.weight, self.up_proj.weight
-            if gated_mlp_fusable(x2, wg, wu):
-                h = gated_mlp_fast(x2, wg, wu, act)  # gate and up stay fp32 until h is rounded
+            if swiglu.gated_mlp_fusable(x2, wg, wu):
+                # gate and up stay fp32 until h is rounded; tiles chosen by what runs beside it
+                h = swiglu.gated_mlp_fast(x2, wg, wu, act, swiglu.gated_mlp_config(cfg.grid_side))
             else:
                 g, u = F.linear(x2, wg), F.linear(x2, wu)
                 h = gated_act_fast(g, u, act) if g.dtype == u.dtype else ops.activation(cfg.hidden_act)(g) * u

@@ -53,7 +53,7 @@ def main() -> int:
                 return ms, float((out.float() - ref).norm() / ref.norm())
 
             base_ms, base_err = timed(lambda: swiglu.gated_act_fast(F.linear(x, wg), F.linear(x, wu), 0))
-            layer_ms, layer_err = timed(lambda: swiglu.gated_mlp_fast(x, wg, wu, 0))
+            layer_ms, layer_err = timed(lambda: swiglu.gated_mlp_fast(x, wg, wu, 0, swiglu.gated_mlp_config(1024)))
             row = {"T": t, "d": a.d, "I": inter, "cublas_plus_gated_act_ms": base_ms, "cublas_err": base_err,
                    "gated_mlp_fast_ms": layer_ms, "gated_mlp_fast_err": layer_err, "fused": []}
             for bm, bn, bk, gm, nw, ns in CONFIGS:

@@ -3,7 +3,7 @@
 bench_layer's bf16 layer at SPEC §7 configs, with the routed-expert schedule the layer picks or a
 forced one (`--schedule grid|dense`).
 
-    python3 scripts/profile_layer.py [--configs paper_min,paper_k2048] [--schedule auto] [--rows 14]
+    python3 scripts/profile_layer.py [--configs paper_min,paper_k2048] [--schedule auto] [--rows 14] [--timeline]
 """
 from __future__ import annotations
 
@@ -30,7 +30,31 @@ def _forced(schedule: str):
     return ke.use_dense
 
 
-def profile(name: str, schedule: str, rows: int, iters: int) -> None:
+def timeline(replay) -> None:
+    """Start / end / stream of each kernel of one CUDA-graph replay (chrome trace of torch.profiler):
+    which kernels of the shared MLP (main stream) and the routed path (side stream) overlap."""
+    import json
+    import tempfile
+
+    import torch
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    torch.cuda.synchronize()
+    with torch_profile(activities=[ProfilerActivity.CUDA]) as prof:
+        replay()
+        torch.cuda.synchronize()
+    with tempfile.NamedTemporaryFile(suffix=".json") as f:
+        prof.export_chrome_trace(f.name)
+        events = json.loads(Path(f.name).read_text())["traceEvents"]
+    kernels = sorted((e for e in events if e.get("cat") == "kernel"), key=lambda e: e["ts"])
+    t0 = kernels[0]["ts"] if kernels else 0
+    for e in kernels:
+        print(f"  stream {e['args'].get('stream', '?'):>3}  start {e['ts'] - t0:8.1f} us  "
+              f"end {e['ts'] - t0 + e['dur']:8.1f} us  {e['name'][:70]}")
+
+
+def profile(name: str, schedule: str, rows: int, iters: int, show_timeline: bool = False) -> None:
     import torch
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as torch_profile
@@ -53,6 +77,8 @@ def profile(name: str, schedule: str, rows: int, iters: int) -> None:
                 torch.cuda.synchronize()
             print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=rows, max_name_column_width=60),
                   flush=True)
+            if show_timeline:
+                timeline(graph.replay)
     finally:
         ke.use_dense = default
 
@@ -63,13 +89,14 @@ def main() -> int:
     ap.add_argument("--schedule", default="auto", choices=("auto", "grid", "dense"))
     ap.add_argument("--rows", type=int, default=14)
     ap.add_argument("--iters", type=int, default=20)
+    ap.add_argument("--timeline", action="store_true", help="also each kernel's start, end and stream in one forward")
     args = ap.parse_args()
     for name in args.configs.split(","):
         if name not in CONFIGS:
             print(f"unknown config {name!r}; one of {', '.join(CONFIGS)}", file=sys.stderr)
             return 2
     for name in args.configs.split(","):
-        profile(name, args.schedule, args.rows, args.iters)
+        profile(name, args.schedule, args.rows, args.iters, args.timeline)
     return 0
 
 

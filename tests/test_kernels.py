@@ -264,7 +264,9 @@ def _layer_case(gate, act, router_norm="batchnorm", inter=16, T=10, K=6, N=16, g
 
 def _gated_mlp_case(act, T=70, d=64, inter=136, seed=0):
     """The fused shared-MLP hidden (fp16: the interpreter misreads bf16 descriptor tiles) on ragged
-    edges (T, I not multiples of the 64 x 128 tile) against act(x Wg^T) * (x Wu^T) in fp32."""
+    edges (T, I not multiples of the tiles) against act(x Wg^T) * (x Wu^T) in fp32, in each launch
+    config: persistent configs run one program here (the interpreter is one SM), looping over
+    every tile; programs_per_sm=0 runs one program per tile."""
     from omnimoe.kernels import experts as ke
     from omnimoe.kernels import swiglu
 
@@ -272,9 +274,11 @@ def _gated_mlp_case(act, T=70, d=64, inter=136, seed=0):
     x = torch.randn(T, d, generator=g).half()
     wg, wu = ((torch.randn(inter, d, generator=g) * d**-0.5).half() for _ in range(2))
     assert swiglu.gated_mlp_fusable(x, wg, wu) and not swiglu.gated_mlp_fusable(x.float(), wg.float(), wu.float())
-    h = swiglu.gated_mlp_fast(x, wg, wu, ke.ACT_IDS[act])
     ref = ops.activation(act)(x.float() @ wg.float().t()) * (x.float() @ wu.float().t())
-    assert h.dtype == torch.float16 and h.shape == (T, inter) and rel_err(h.float(), ref) <= 2e-3, rel_err(h.float(), ref)
+    configs = [*swiglu.GATED_MLP_CONFIGS.values(), dict(swiglu.GATED_MLP_CONFIGS["beside_large_router"], programs_per_sm=0)]
+    for config in configs:
+        h = swiglu.gated_mlp_fast(x, wg, wu, ke.ACT_IDS[act], config)
+        assert h.dtype == torch.float16 and h.shape == (T, inter) and rel_err(h.float(), ref) <= 2e-3, (config, rel_err(h.float(), ref))
 
 
 _ROUTER_CASES = {
@@ -581,11 +585,12 @@ def test_gpu_decode_graphs_follow_inputs_weights_and_streams():
         assert rel_err(frozen(x), layer(x)) <= 1e-3 and not frozen.__dict__.get("_decode_graphs")
 
 
+@pytest.mark.parametrize("side", [256, 1024])  # both launch configs (swiglu.gated_mlp_config)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("T", [1, 300, 4096])
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-def test_gpu_gated_mlp_rounds_once(T, dtype):
+def test_gpu_gated_mlp_rounds_once(T, dtype, side):
     # The fused gate/up GEMM keeps both products in fp32 until h: closer to fp32 than two GEMMs
     # whose outputs are rounded before the gated activation (about half the error, measured).
     import torch.nn.functional as F
@@ -597,7 +602,7 @@ def test_gpu_gated_mlp_rounds_once(T, dtype):
     x = torch.randn(T, d, device="cuda").to(dtype)
     wg, wu = ((torch.randn(inter, d, device="cuda") * d**-0.5).to(dtype) for _ in range(2))
     ref = F.silu(x.float() @ wg.float().t()) * (x.float() @ wu.float().t())
-    fused = swiglu.gated_mlp_fast(x, wg, wu, 0)
+    fused = swiglu.gated_mlp_fast(x, wg, wu, 0, swiglu.gated_mlp_config(side))
     two_gemms = swiglu.gated_act_fast(F.linear(x, wg), F.linear(x, wu), 0)
     assert swiglu.gated_mlp_fusable(x, wg, wu)
     assert rel_err(fused.float(), ref) <= 0.75 * rel_err(two_gemms.float(), ref), (rel_err(fused.float(), ref), rel_err(two_gemms.float(), ref))

@@ -6,6 +6,8 @@ reads gate and up once, writes once, and rounds once. The exported ONNX keeps st
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -71,24 +73,49 @@ def _gated_mlp_kernel(x_desc, wg_desc, wu_desc, h_desc, M, N, K,
                       GROUP_M: tl.constexpr):
     """h = act(x Wg^T) * (x Wu^T) for x [M, K], Wg/Wu [N, K] (TMA descriptors; tiles past the
     edges read zeros and their stores are clipped). Both products accumulate in fp32 and h is
-    rounded once, where two GEMMs round gate and up to the model dtype first."""
-    pid_m, pid_n = _tile_of(tl.program_id(0), M, N, BM, BN, GROUP_M)
-    om = pid_m * BM
-    on = pid_n * BN
-    acc_g = tl.zeros([BM, BN], dtype=tl.float32)
-    acc_u = tl.zeros([BM, BN], dtype=tl.float32)
-    for k0 in range(0, K, BK):
-        a = x_desc.load([om, k0])
-        acc_g = tl.dot(a, wg_desc.load([on, k0]).T, acc_g)
-        acc_u = tl.dot(a, wu_desc.load([on, k0]).T, acc_u)
-    h = _act(acc_g, ACT) * acc_u
-    h_desc.store([om, on], h.to(h_desc.dtype))
+    rounded once, where two GEMMs round gate and up to the model dtype first. Each program takes
+    tiles pid, pid + programs, ... (one tile each when launched with one program per tile)."""
+    tiles = tl.cdiv(M, BM) * tl.cdiv(N, BN)
+    for tile in range(tl.program_id(0), tiles, tl.num_programs(0)):
+        pid_m, pid_n = _tile_of(tile, M, N, BM, BN, GROUP_M)
+        om = pid_m * BM
+        on = pid_n * BN
+        acc_g = tl.zeros([BM, BN], dtype=tl.float32)
+        acc_u = tl.zeros([BM, BN], dtype=tl.float32)
+        for k0 in range(0, K, BK):
+            a = x_desc.load([om, k0])
+            acc_g = tl.dot(a, wg_desc.load([on, k0]).T, acc_g)
+            acc_u = tl.dot(a, wu_desc.load([on, k0]).T, acc_u)
+        h = _act(acc_g, ACT) * acc_u
+        h_desc.store([om, on], h.to(h_desc.dtype))
 
 
-# H200, bf16, d = 1024 (scripts/bench_shared_mlp.py): 64x128 tiles with one warpgroup were the
-# fastest measured at T = 4096, I = 4096 / 1024 (122 / 32 us, against 125 / 36 for the two cuBLAS
-# GEMMs plus the gated-act kernel) and within 1 us of the best at T = 64 and T = 1.
-GATED_MLP_CONFIG = dict(BM=64, BN=128, BK=64, GROUP_M=8, num_warps=4, num_stages=4)
+# Launch configs of _gated_mlp_kernel, by what runs beside it. The layer's routed path runs on a
+# side stream; the two only overlap when the GEMM leaves room on the SMs. programs_per_sm: 0 = one
+# program per tile; > 0 = that many programs per SM, each looping over tiles (persistent).
+# H200, bf16, d = 1024, I = 4096, T = 4096, whole-layer CUDA graph (scripts/sweep_layer_overlap.py):
+# one persistent 128 x 128 program (8 warps) per SM: readme / n65k / n1m 190 / 228 / 331 us; one
+# persistent 64 x 128 program (4 warps, fewer registers, so the router's one-warp programs fit
+# beside it) per SM: 230 / 246 / 295 us; one program per 128 x 64 tile: 215 / 260 / 332 us. Alone
+# (scripts/bench_shared_mlp.py) the kernel takes 122 us, two cuBLAS GEMMs + gated act 126 us.
+GATED_MLP_CONFIGS = {
+    "beside_small_router": dict(BM=128, BN=128, BK=64, GROUP_M=16, num_warps=8, num_stages=3, programs_per_sm=1),
+    "beside_large_router": dict(BM=64, BN=128, BK=64, GROUP_M=16, num_warps=4, num_stages=4, programs_per_sm=1),
+}
+# Router grid side from which the router tail (one warp per token, K <= 64) is long enough to want
+# room beside the GEMM: measured at s = 64 and 256 (small) and 1024 (large).
+LARGE_ROUTER_SIDE = 512
+
+
+def gated_mlp_config(grid_side: int) -> dict:
+    """`gated_mlp_fast`'s launch config for a layer whose router has this grid side."""
+    return GATED_MLP_CONFIGS["beside_large_router" if grid_side >= LARGE_ROUTER_SIDE else "beside_small_router"]
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(device: torch.device) -> int:
+    # The CPU interpreter counts as one SM: one program then loops over every tile.
+    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
 
 
 def gated_mlp_fusable(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor) -> bool:
@@ -102,9 +129,10 @@ def gated_mlp_fusable(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor)
             and x.shape[1] % 8 == 0 and w_gate.shape[0] % 8 == 0)
 
 
-def gated_mlp_fast(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, act: int) -> torch.Tensor:
+def gated_mlp_fast(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, act: int, config: dict) -> torch.Tensor:
     """act(x w_gate^T) * (x w_up^T) -> [T, I] in x's dtype, one launch (layer inference hot path;
-    unchecked: the caller has asked `gated_mlp_fusable`). act = ACT_IDS[name]."""
+    unchecked: the caller has asked `gated_mlp_fusable`). act = ACT_IDS[name]; config: one of
+    GATED_MLP_CONFIGS (`gated_mlp_config`)."""
     from triton.tools.tensor_descriptor import TensorDescriptor
 
     T, d = x.shape
@@ -112,9 +140,11 @@ def gated_mlp_fast(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, ac
     h = torch.empty((T, inter), dtype=x.dtype, device=x.device)
     if T == 0:
         return h
-    c = GATED_MLP_CONFIG
+    c = dict(config)
+    per_sm = c.pop("programs_per_sm")
     bm, bn, bk = c["BM"], c["BN"], c["BK"]
-    grid = (triton.cdiv(T, bm) * triton.cdiv(inter, bn),)
+    tiles = triton.cdiv(T, bm) * triton.cdiv(inter, bn)
+    grid = (tiles if not per_sm else min(tiles, max(1, round(per_sm * _sm_count(x.device)))),)
     _gated_mlp_kernel[grid](
         TensorDescriptor.from_tensor(x, [bm, bk]), TensorDescriptor.from_tensor(w_gate, [bn, bk]),
         TensorDescriptor.from_tensor(w_up, [bn, bk]), TensorDescriptor.from_tensor(h, [bm, bn]),
