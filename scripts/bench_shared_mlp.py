@@ -64,7 +64,8 @@ def main() -> int:
                          TensorDescriptor.from_tensor(wu, [bn, bk]), TensorDescriptor.from_tensor(h, [bm, bn]))
 
                 def fn(h=h, grid=grid, meta=meta, descs=descs):
-                    swiglu._gated_mlp_kernel[grid](*descs, t, inter, a.d, **meta)
+                    swiglu._gated_mlp_kernel[grid](*descs, torch.zeros(1, dtype=torch.int32, device="cuda"),
+                                                   t, inter, a.d, **meta)
                     return h
                 try:
                     ms, err = timed(fn)

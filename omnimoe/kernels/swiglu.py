@@ -68,15 +68,19 @@ def _tile_of(pid, M, N, BM: tl.constexpr, BN: tl.constexpr, GROUP_M: tl.constexp
 
 
 @triton.jit
-def _gated_mlp_kernel(x_desc, wg_desc, wu_desc, h_desc, M, N, K,
+def _gated_mlp_kernel(x_desc, wg_desc, wu_desc, h_desc, next_tile_ptr, M, N, K,
                       ACT: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
                       GROUP_M: tl.constexpr):
     """h = act(x Wg^T) * (x Wu^T) for x [M, K], Wg/Wu [N, K] (TMA descriptors; tiles past the
     edges read zeros and their stores are clipped). Both products accumulate in fp32 and h is
-    rounded once, where two GEMMs round gate and up to the model dtype first. Each program takes
-    tiles pid, pid + programs, ... (one tile each when launched with one program per tile)."""
+    rounded once, where two GEMMs round gate and up to the model dtype first.
+
+    Each program takes tiles from a counter (int32, zero at launch) until none are left: with fewer
+    programs than tiles, a program that starts late, on an SM still busy with other kernels, takes
+    fewer tiles instead of delaying the launch's end."""
     tiles = tl.cdiv(M, BM) * tl.cdiv(N, BN)
-    for tile in range(tl.program_id(0), tiles, tl.num_programs(0)):
+    tile = tl.atomic_add(next_tile_ptr, 1)
+    while tile < tiles:
         pid_m, pid_n = _tile_of(tile, M, N, BM, BN, GROUP_M)
         om = pid_m * BM
         on = pid_n * BN
@@ -88,11 +92,12 @@ def _gated_mlp_kernel(x_desc, wg_desc, wu_desc, h_desc, M, N, K,
             acc_u = tl.dot(a, wu_desc.load([on, k0]).T, acc_u)
         h = _act(acc_g, ACT) * acc_u
         h_desc.store([om, on], h.to(h_desc.dtype))
+        tile = tl.atomic_add(next_tile_ptr, 1)
 
 
 # Launch configs of _gated_mlp_kernel, by what runs beside it. The layer's routed path runs on a
 # side stream; the two only overlap when the GEMM leaves room on the SMs. programs_per_sm: 0 = one
-# program per tile; > 0 = that many programs per SM, each looping over tiles (persistent).
+# program per tile; > 0 = that many programs per SM, each taking tiles until none are left.
 # H200, bf16, d = 1024, I = 4096, T = 4096, whole-layer CUDA graph (scripts/sweep_layer_overlap.py):
 # one persistent 128 x 128 program (8 warps) per SM: readme / n65k / n1m 190 / 228 / 331 us; one
 # persistent 64 x 128 program (4 warps, fewer registers, so the router's one-warp programs fit
@@ -145,8 +150,9 @@ def gated_mlp_fast(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, ac
     bm, bn, bk = c["BM"], c["BN"], c["BK"]
     tiles = triton.cdiv(T, bm) * triton.cdiv(inter, bn)
     grid = (tiles if not per_sm else min(tiles, max(1, round(per_sm * _sm_count(x.device)))),)
+    next_tile = torch.zeros(1, dtype=torch.int32, device=x.device)  # one per call: launches may overlap
     _gated_mlp_kernel[grid](
         TensorDescriptor.from_tensor(x, [bm, bk]), TensorDescriptor.from_tensor(w_gate, [bn, bk]),
         TensorDescriptor.from_tensor(w_up, [bn, bk]), TensorDescriptor.from_tensor(h, [bm, bn]),
-        T, inter, d, ACT=act, **c)
+        next_tile, T, inter, d, ACT=act, **c)
     return h
