@@ -6,6 +6,7 @@ fused Triton gate/up GEMM (swiglu._gated_mlp_kernel) per tile config, CUDA graph
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
 import sys
 from pathlib import Path
@@ -80,7 +81,9 @@ def main() -> int:
             rows.append(row)
     if a.out:
         Path(a.out).write_text(json.dumps({"gpu": torch.cuda.get_device_name(), "torch": torch.__version__,
-                                           "triton": triton.__version__, "rows": rows}, indent=1))
+                                           "triton": triton.__version__, "command": " ".join(sys.argv),
+                                           "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+                                           "rows": rows}, indent=1))
     return 0
 
 
