@@ -99,10 +99,11 @@ def _gated_mlp_kernel(x_desc, wg_desc, wu_desc, h_desc, next_tile_ptr, M, N, K,
 # side stream; the two only overlap when the GEMM leaves room on the SMs. programs_per_sm: 0 = one
 # program per tile; > 0 = that many programs per SM, each taking tiles until none are left.
 # H200, bf16, d = 1024, I = 4096, T = 4096, whole-layer CUDA graph (scripts/sweep_layer_overlap.py):
-# one persistent 128 x 128 program (8 warps) per SM: readme / n65k / n1m 190 / 228 / 331 us; one
-# persistent 64 x 128 program (4 warps, fewer registers, so the router's one-warp programs fit
-# beside it) per SM: 230 / 246 / 295 us; one program per 128 x 64 tile: 215 / 260 / 332 us. Alone
-# (scripts/bench_shared_mlp.py) the kernel takes 122 us, two cuBLAS GEMMs + gated act 126 us.
+# one 128 x 128 program (8 warps) per SM: readme / n65k / n1m 199 / 232 / 308 us; one 64 x 128
+# program (4 warps, fewer registers, so the router's one-warp programs fit beside it) per SM:
+# 231 / 248 / 292 us; one program per tile: 233 / 279 / 348 (128 x 128), 229 / 274 / 345
+# (128 x 64). Alone (scripts/bench_shared_mlp.py) the kernel takes 122 us at 64 x 128, two cuBLAS
+# GEMMs + the gated-act kernel 126 us.
 GATED_MLP_CONFIGS = {
     "beside_small_router": dict(BM=128, BN=128, BK=64, GROUP_M=16, num_warps=8, num_stages=3, programs_per_sm=1),
     "beside_large_router": dict(BM=64, BN=128, BK=64, GROUP_M=16, num_warps=4, num_stages=4, programs_per_sm=1),
