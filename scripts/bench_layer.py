@@ -11,7 +11,8 @@ against float32 with its own routing); rel_err_bf16 is against the bf16 referenc
 ONNX Runtime row (ORT_CONFIGS; needs onnxruntime-gpu): the layer's standard-op twin exported in
 bf16 (one export per weight shape, reused across token counts) on the CUDA execution provider,
 inputs and outputs bound to GPU memory (I/O binding), host wall time per run (ORT's run returns
-when the GPU is done); its error is against our bf16 output.
+when the GPU is done); its error is against our bf16 output. host_launch_us per row: the host's
+time to queue one small kernel, to tell a slow host from a slow layer in the eager column.
 Writes <out>/h200.json, <out>/h200.png and <out>/README-table.md and prints the table.
 
     python3 scripts/bench_layer.py --out benchmarks [--configs readme,n65k] [--iters 25]
@@ -102,6 +103,24 @@ def _busy(fn, seconds: float = 0.5) -> None:
         torch.cuda.synchronize()
 
 
+def host_launch_us(launches: int = 2000) -> float:
+    """Host time per launch of a one-element CUDA kernel, queued without waiting: the machine's
+    host speed, recorded per row, because eager times at large T are bound by host launch time
+    once the GPU work is short (compare runs on it before comparing their eager columns)."""
+    import torch
+
+    one = torch.zeros(1, device="cuda")
+    for _ in range(100):
+        one.add_(1)
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(launches):
+        one.add_(1)
+    host = time.perf_counter() - t0
+    torch.cuda.synchronize()
+    return 1e6 * host / launches
+
+
 def _guard(fn):
     import torch
 
@@ -171,6 +190,7 @@ def worker(name: str, iters: int, first_call_only: bool = False) -> dict:
             return res
         _busy(lambda: layer(x))
         res["triton"] = _time(lambda: layer(x), iters)
+        res["host_launch_us"] = host_launch_us()
 
         # CUDA graph of the whole layer forward.
         graph, y_graph = capture_graph(lambda: layer(x))
