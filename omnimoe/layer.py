@@ -308,7 +308,6 @@ class OmniMoELayer(nn.Module):
         overlap saves) or under graph capture."""
         from .kernels import experts as ke
         from .kernels import swiglu
-        from .kernels.swiglu import gated_act_fast
 
         cfg = self.config
         T = x2.shape[0]
@@ -345,7 +344,7 @@ class OmniMoELayer(nn.Module):
                 h = swiglu.gated_mlp_fast(x2, wg, wu, act, swiglu.gated_mlp_config(cfg.grid_side))
             else:
                 g, u = F.linear(x2, wg), F.linear(x2, wu)
-                h = gated_act_fast(g, u, act) if g.dtype == u.dtype else ops.activation(cfg.hidden_act)(g) * u
+                h = swiglu.gated_act_fast(g, u, act) if g.dtype == u.dtype else ops.activation(cfg.hidden_act)(g) * u
             if side is not None:
                 main.wait_stream(side)
             y.addmm_(h, self.down_proj.weight.t())  # the residual add rides in the GEMM

@@ -18,6 +18,25 @@ def event_times_ms(fn, iters: int, warmup: int) -> list[float]:
     return [a.elapsed_time(b) for a, b in evs]
 
 
+def host_us(fn, iters: int, reps: int = 5) -> float:
+    """Host microseconds per call of fn, queued without waiting for the GPU (median of reps runs of
+    iters calls, the GPU drained between runs)."""
+    import statistics
+    import time
+
+    import torch
+
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        for _ in range(iters):
+            fn()
+        times.append((time.perf_counter() - t0) / iters * 1e6)
+        torch.cuda.synchronize()
+    return statistics.median(times)
+
+
 def capture_graph(fn):
     """(graph, output) of fn captured as a CUDA graph, after two warm-up calls on a side stream
     (as torch recommends: kernels compiled, cuBLAS workspaces made outside the capture)."""

@@ -21,12 +21,11 @@ import importlib.util
 import json
 import statistics
 import sys
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from bench_common import bench_layer, capture_graph, event_times_ms  # noqa: E402
+from bench_common import bench_layer, capture_graph, event_times_ms, host_us  # noqa: E402
 
 from bench_layer import CONFIGS  # noqa: E402  (the design contract's configs, one table)
 
@@ -36,20 +35,6 @@ _SUBMODULES = ("gate_proj", "up_proj", "down_proj", "router_gate_x", "router_gat
 
 def _events(fn, iters, warmup=20):
     return statistics.median(event_times_ms(fn, iters, warmup))
-
-
-def _host_us(fn, iters):
-    import torch
-
-    torch.cuda.synchronize()
-    reps = []
-    for _ in range(5):
-        t0 = time.perf_counter()
-        for _ in range(iters):
-            fn()
-        reps.append((time.perf_counter() - t0) / iters * 1e6)
-        torch.cuda.synchronize()
-    return statistics.median(reps)
 
 
 def _graph_ms(fn, iters):
@@ -94,12 +79,12 @@ def launch_costs() -> dict:
 
     n = 2000
     return {
-        "F.linear_us": _host_us(lambda: F.linear(x, w), n),
-        "torch.empty_us": _host_us(lambda: torch.empty((1, K), device=dev), n),
-        "triton_kernel[grid]_us": _host_us(lambda: ke._token_centric_kernel[(1,)](x, up, up, g, idx, y, d, K, N, **meta), n),
-        "token_centric_fast_us": _host_us(lambda: ke.token_centric_fast(x, up, up, g, idx, y, 0), n),
-        "public_launcher_us": _host_us(lambda: ke.expert_grouped_matmul_triton(x, up, up, g, idx, "silu", out=y), n),
-        "side_stream_round_trip_us": _host_us(side_trip, n),
+        "F.linear_us": host_us(lambda: F.linear(x, w), n),
+        "torch.empty_us": host_us(lambda: torch.empty((1, K), device=dev), n),
+        "triton_kernel[grid]_us": host_us(lambda: ke._token_centric_kernel[(1,)](x, up, up, g, idx, y, d, K, N, **meta), n),
+        "token_centric_fast_us": host_us(lambda: ke.token_centric_fast(x, up, up, g, idx, y, 0), n),
+        "public_launcher_us": host_us(lambda: ke.expert_grouped_matmul_triton(x, up, up, g, idx, "silu", out=y), n),
+        "side_stream_round_trip_us": host_us(side_trip, n),
     }
 
 
@@ -127,12 +112,12 @@ def run_config(name, baseline_cls, iters) -> dict:
             y = m(x)
             res[f"{key}_rel_diff_vs_new"] = float((y.float() - y_new.float()).norm() / y_new.float().norm())
             res[f"{key}_eager_ms"] = _events(lambda: m(x), iters)
-            res[f"{key}_host_us"] = _host_us(lambda: m(x), host_iters)
+            res[f"{key}_host_us"] = host_us(lambda: m(x), host_iters)
             res[f"{key}_graph_ms"] = _graph_ms(lambda: m(x), iters)
         wg, wu, wd = layer.gate_proj.weight, layer.up_proj.weight, layer.down_proj.weight
         dense = lambda: F.linear(F.silu(F.linear(x, wg)) * F.linear(x, wu), wd)  # noqa: E731
         res["dense_torch_eager_ms"] = _events(dense, iters)
-        res["dense_torch_host_us"] = _host_us(dense, host_iters)
+        res["dense_torch_host_us"] = host_us(dense, host_iters)
     del layer, impls
     torch.cuda.empty_cache()
     return res

@@ -34,7 +34,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from bench_common import bench_layer, capture_graph, event_times_ms  # noqa: E402
+from bench_common import bench_layer, capture_graph, event_times_ms, host_us  # noqa: E402
 
 # name: (d, I, N, K, T)   -- SPEC §7
 CONFIGS = {
@@ -103,22 +103,14 @@ def _busy(fn, seconds: float = 0.5) -> None:
         torch.cuda.synchronize()
 
 
-def host_launch_us(launches: int = 2000) -> float:
+def host_launch_us(launches: int = 400) -> float:
     """Host time per launch of a one-element CUDA kernel, queued without waiting: the machine's
     host speed, recorded per row, because eager times at large T are bound by host launch time
     once the GPU work is short (compare runs on it before comparing their eager columns)."""
     import torch
 
     one = torch.zeros(1, device="cuda")
-    for _ in range(100):
-        one.add_(1)
-    torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    for _ in range(launches):
-        one.add_(1)
-    host = time.perf_counter() - t0
-    torch.cuda.synchronize()
-    return 1e6 * host / launches
+    return host_us(lambda: one.add_(1), launches)
 
 
 def _guard(fn):

@@ -37,13 +37,12 @@ def main() -> int:
     from triton.tools.tensor_descriptor import TensorDescriptor
 
     from omnimoe.kernels import swiglu
-    from scripts.bench_common import capture_graph, event_times_ms
+    from scripts.bench_common import capture_graph, event_times_ms, expert_tables
 
     torch.manual_seed(0)
     rows = []
     for inter in (int(v) for v in a.inter.split(",")):
-        wg = (torch.randn(inter, a.d, device="cuda") * a.d**-0.5).to(torch.bfloat16)
-        wu = (torch.randn(inter, a.d, device="cuda") * a.d**-0.5).to(torch.bfloat16)
+        wg, wu = expert_tables(inter, a.d, "cuda")  # same draws: [I, d] bf16 of scale d^-0.5
         for t in (int(v) for v in a.tokens.split(",")):
             x = torch.randn(t, a.d, device="cuda").to(torch.bfloat16)
             ref = F.silu(x.float() @ wg.float().t()) * (x.float() @ wu.float().t())
