@@ -19,6 +19,12 @@ _SIDE_STREAM_MIN_TOKENS = 256
 # (decode), keeping at most _GRAPH_CACHE_SIZE graphs per layer.
 _GRAPH_MAX_TOKENS = 64
 _GRAPH_CACHE_SIZE = 8
+# Larger token counts (a fixed batch or prompt size) get a graph once the same count comes twice in
+# a row, up to this many tokens: at T = 4096 the host takes longer to launch the ~10 kernels than
+# the GPU takes to run them (H200: 0.3-0.45 ms of launches for 0.2 ms of work). At most
+# _REPEAT_GRAPHS of them per layer: each holds its own activations (~50 MB at T = 4096, I = 4096).
+_REPEAT_GRAPH_MAX_TOKENS = 16384
+_REPEAT_GRAPHS = 2
 
 
 def _side_stream(device: torch.device) -> torch.cuda.Stream | None:
@@ -37,9 +43,12 @@ class OmniMoELayer(nn.Module):
     `backend`: "reference" (pure PyTorch, differentiable) or "triton" (fused GPU kernels).
     `decode_cuda_graphs` (triton, eval, no grad, CUDA, <= 64 tokens): replay a CUDA graph per token
     count instead of launching each kernel from Python; set it False on an instance to launch.
+    `repeat_cuda_graphs` (same conditions, 65..16384 tokens): the same once a token count comes on
+    two calls in a row (at most two such graphs per layer); set it False to launch.
     """
 
     decode_cuda_graphs = True
+    repeat_cuda_graphs = True
 
     def __init__(self, config: OmniMoEConfig, backend: str = "reference", device=None, dtype=None):
         super().__init__()
@@ -218,31 +227,44 @@ class OmniMoELayer(nn.Module):
 
         cfg = self.config
         s, K, T = cfg.grid_side, cfg.top_k, x2.shape[0]
+        if K > kr.SMALL_K_MAX or T == 0:
+            log_probs = self._router_log_probs_fast(x2)
+            return kr.product_key_topk_triton(log_probs[:, :s], log_probs[:, s:], K, cfg.gate, sort=sort)
         w, norm_affine = self._router_inference_params()
         logits = F.linear(x2, w)
-        if K > kr.SMALL_K_MAX or T == 0:
-            if norm_affine is not None:
-                logits = torch.addcmul(norm_affine[1], logits, norm_affine[0])
-            else:
-                logits = logits.float()
-            log_probs = torch.log_softmax(logits.view(T, 2, s), dim=-1)
-            return kr.product_key_topk_triton(log_probs[:, 0], log_probs[:, 1], K, cfg.gate, sort=sort)
         gates = torch.empty((T, K), dtype=torch.float32, device=x2.device)
         indices = torch.empty((T, K), dtype=torch.int32, device=x2.device)
         scale, shift = norm_affine if norm_affine is not None else (None, None)
         kr._router_logits_topk_launch(logits, scale, shift, s, K, cfg.gate, gates, indices)
         return gates, indices
 
+    def _router_log_probs_fast(self, x2: torch.Tensor) -> torch.Tensor:
+        """[T, 2s] float32: px then py of router_log_probs, from one router GEMM."""
+        w, norm_affine = self._router_inference_params()
+        logits = F.linear(x2, w)
+        if norm_affine is not None:
+            logits = torch.addcmul(norm_affine[1], logits, norm_affine[0])
+        else:
+            logits = logits.float()
+        s = self.config.grid_side
+        return torch.log_softmax(logits.view(x2.shape[0], 2, s), dim=-1).view(x2.shape[0], 2 * s)
+
     def _forward_fast(self, x2: torch.Tensor) -> torch.Tensor:
-        """Eval + no-grad Triton inference. Up to _GRAPH_MAX_TOKENS tokens on CUDA (decode), the
-        forward replays a CUDA graph captured per token count (see _forward_graphed): one copy,
-        one replay and one clone of host work instead of ~10 launches. Otherwise _forward_launch."""
+        """Eval + no-grad Triton inference. On CUDA, up to _GRAPH_MAX_TOKENS tokens (decode), and
+        up to _REPEAT_GRAPH_MAX_TOKENS once a token count repeats on consecutive calls, the forward
+        replays a CUDA graph captured per token count (see _forward_graphed): one copy, one replay
+        and one clone of host work instead of ~10 launches. Otherwise _forward_launch."""
         T = x2.shape[0]
-        if (self.decode_cuda_graphs and 0 < T <= _GRAPH_MAX_TOKENS and x2.is_cuda
-                and not torch.cuda.is_current_stream_capturing() and not torch.is_autocast_enabled()):
-            y = self._forward_graphed(x2)
-            if y is not None:
-                return y
+        if x2.is_cuda and T > 0 and not torch.cuda.is_current_stream_capturing() and not torch.is_autocast_enabled():
+            key = (T, x2.dtype, x2.device)
+            repeated = self.__dict__.get("_last_launch_key") == key
+            self.__dict__["_last_launch_key"] = key
+            if ((self.decode_cuda_graphs and T <= _GRAPH_MAX_TOKENS)
+                    or (self.repeat_cuda_graphs and _GRAPH_MAX_TOKENS < T <= _REPEAT_GRAPH_MAX_TOKENS
+                        and (repeated or key in self.__dict__.get("_decode_graphs", ())))):
+                y = self._forward_graphed(x2)
+                if y is not None:
+                    return y
         return self._forward_launch(x2)
 
     def _forward_graphed(self, x2: torch.Tensor) -> torch.Tensor | None:
@@ -274,10 +296,14 @@ class OmniMoELayer(nn.Module):
             graphs.pop(key, None)
             if len(graphs) >= _GRAPH_CACHE_SIZE:
                 graphs.pop(next(iter(graphs)))  # oldest first
+            if key[0] > _GRAPH_MAX_TOKENS:
+                repeats = [k for k in graphs if k[0] > _GRAPH_MAX_TOKENS]
+                for old in repeats[: max(0, len(repeats) - _REPEAT_GRAPHS + 1)]:
+                    graphs.pop(old)  # oldest first: their activations are large
             try:
                 entry = (sig, *self._capture_graph(x2), stream)
             except RuntimeError:
-                self.decode_cuda_graphs = False
+                self.decode_cuda_graphs = self.repeat_cuda_graphs = False
                 return None
             graphs[key] = entry
         _, static_x, static_y, graph, last = entry
@@ -306,8 +332,9 @@ class OmniMoELayer(nn.Module):
         argument re-checks between our own kernels, and the side stream only from
         _SIDE_STREAM_MIN_TOKENS tokens (below, the stream switches cost more host time than the
         overlap saves) or under graph capture."""
+        from .kernels import dense_rule, swiglu
         from .kernels import experts as ke
-        from .kernels import swiglu
+        from .kernels import router as kr
 
         cfg = self.config
         T = x2.shape[0]
@@ -330,13 +357,20 @@ class OmniMoELayer(nn.Module):
             main = torch.cuda.current_stream(x2.device)
             side.wait_stream(main)
         with torch.cuda.stream(side) if side is not None else contextlib.nullcontext():
-            gates, indices = self._route_fast(x2, sort=False)  # the routed sum ignores their order
-            if dense:
-                ke._dense_launch(x2, up, down, gates, indices, act, y)
-            elif token:
-                ke.token_centric_fast(x2, up, down, gates, indices, y, act)
+            if dense and dense_rule.rule_applies(cfg.top_k, cfg.gate):
+                # The router's top-K as a per-token rule, applied in the first GEMM's epilogue.
+                s = cfg.grid_side
+                log_probs = self._router_log_probs_fast(x2)
+                theta, e_star = kr.product_key_threshold_triton(log_probs[:, :s], log_probs[:, s:], cfg.top_k)
+                dense_rule.dense_rule_launch(x2, up, down, log_probs, theta, e_star, act, y)
             else:
-                ke.expert_grouped_matmul_triton(x2, up, down, gates, indices, cfg.hidden_act, out=y)
+                gates, indices = self._route_fast(x2, sort=False)  # the routed sum ignores their order
+                if dense:
+                    ke._dense_launch(x2, up, down, gates, indices, act, y)
+                elif token:
+                    ke.token_centric_fast(x2, up, down, gates, indices, y, act)
+                else:
+                    ke.expert_grouped_matmul_triton(x2, up, down, gates, indices, cfg.hidden_act, out=y)
         if shared:
             wg, wu = self.gate_proj.weight, self.up_proj.weight
             if swiglu.gated_mlp_fusable(x2, wg, wu):

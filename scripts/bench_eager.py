@@ -6,7 +6,7 @@ scripts/bench_layer.py), host-only submission time per call (perf_counter over m
 one sync), CUDA-graph replay ms, the plain torch dense MLP (3 GEMMs + act + mul) for scale, and
 with --baseline FILE an older layer.py (loaded as a module, same weights) timed side by side.
 "new" is the layer as it runs by default (decode CUDA graphs up to 64 tokens), "new_launch" the
-same layer with decode_cuda_graphs=False. Also per-launch host costs: F.linear, torch.empty, a
+same layer with decode_cuda_graphs=repeat_cuda_graphs=False. Also per-launch host costs: F.linear, torch.empty, a
 Triton launch through kernel[grid], the layer's unchecked and the public expert launcher, a
 side-stream round trip.
 
@@ -108,7 +108,7 @@ def run_config(name, baseline_cls, iters) -> dict:
     with torch.inference_mode():
         y_new = layer(x)
         for key, m in impls.items():
-            layer.decode_cuda_graphs = key != "new_launch"
+            layer.decode_cuda_graphs = layer.repeat_cuda_graphs = key != "new_launch"
             y = m(x)
             res[f"{key}_rel_diff_vs_new"] = float((y.float() - y_new.float()).norm() / y_new.float().norm())
             res[f"{key}_eager_ms"] = _events(lambda: m(x), iters)

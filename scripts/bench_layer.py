@@ -3,7 +3,9 @@
 
 One subprocess per config (fresh CUDA context and a fresh Triton cache, so "first call" is the
 real compile cost). Columns: dense shared MLP alone, PEER-style token-centric baseline, the
-reference path, the Triton path (eager and CUDA graph), roofline = max(bytes / 4.8 TB/s,
+reference path, the Triton path (eager: as a caller sees it, which replays the layer's own CUDA
+graphs for decode and repeated token counts; "launches": every kernel launched from Python; and
+one CUDA graph of the whole forward), roofline = max(bytes / 4.8 TB/s,
 FLOPs / 790 TFLOP/s). Timings are medians of per-iteration CUDA-event times after warm-up.
 Accuracy per row: rel_err_bf16_vs_fp32 (our bf16 output against the layer in float32 on the same
 weights with our routing, all T tokens) and peer_rel_err_bf16_vs_fp32 (the PEER-style bf16 path
@@ -182,6 +184,10 @@ def worker(name: str, iters: int, first_call_only: bool = False) -> dict:
             return res
         _busy(lambda: layer(x))
         res["triton"] = _time(lambda: layer(x), iters)
+        # The same calls with every kernel launched from Python (no graph replays at any T).
+        layer.decode_cuda_graphs = layer.repeat_cuda_graphs = False
+        res["triton_launch"] = _time(lambda: layer(x), iters)
+        layer.decode_cuda_graphs = layer.repeat_cuda_graphs = True
         res["host_launch_us"] = host_launch_us()
 
         # CUDA graph of the whole layer forward.
@@ -360,13 +366,13 @@ def _err(v) -> str:
 
 
 def table(results: list[dict]) -> str:
-    head = ("| config | T | N | K | dense MLP ms | PEER ms | reference ms | Triton ms | Triton graph ms | roofline ms "
+    head = ("| config | T | N | K | dense MLP ms | PEER ms | reference ms | Triton ms | Triton launches ms | Triton graph ms | roofline ms "
             "| ORT CUDA ms | vs PEER (graph) | vs roofline | target graph / eager ms | met | first call s: cached / cold "
             "| routing: same / near-tie / mismatch | rel err bf16 vs fp32: ours / PEER | rel err vs reference | rel err fp32 |")
     lines = [head, "|" + "|".join(["---"] * (head.count("|") - 1)) + "|"]
     for r in results:
         if "error" in r:
-            lines.append(f"| {r['name']} | | | | error: {r['error'][:80]} |" + " |" * 15)
+            lines.append(f"| {r['name']} | | | | error: {r['error'][:80]} |" + " |" * 16)
             continue
         best = r["triton_graph"]["median_ms"]
         peer = r["peer"].get("median_ms") if isinstance(r.get("peer"), dict) else None
@@ -378,7 +384,7 @@ def table(results: list[dict]) -> str:
         ort_mark = " (earlier run)" if r.get("ort_cuda_from_earlier_run") else ""
         lines.append(
             f"| {name} | {r['T']} | {r['N']} | {r['K']} | {_fmt(r, 'dense')} | {_fmt(r, 'peer')} | {_fmt(r, 'reference')} "
-            f"| {_fmt(r, 'triton')} | {_fmt(r, 'triton_graph')} | {r['roofline_ms']:.3f} | {_fmt(r, 'ort_cuda')}{ort_mark} "
+            f"| {_fmt(r, 'triton')} | {_fmt(r, 'triton_launch')} | {_fmt(r, 'triton_graph')} | {r['roofline_ms']:.3f} | {_fmt(r, 'ort_cuda')}{ort_mark} "
             f"| {'%.1fx' % (peer / best) if peer else 'n/a'} | {r['roofline_ms'] / best:.2f} "
             f"| {tgt} | {met} | {r['first_call_s']:.1f} / {r.get('first_call_cold_s', float('nan')):.1f} "
             f"| {r['agree_pct']:.2f}% / {r.get('near_tie_pct', 0.0):.2f}% / {r.get('routing_mismatches', 'n/a')} "
