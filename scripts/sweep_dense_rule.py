@@ -62,7 +62,6 @@ def main() -> int:
                 h, lp, theta, e_star, n, s, lp.stride(0), ACT=0, BLOCK=dense_rule.RULE_BLOCK, num_warps=dense_rule.RULE_WARPS)
 
         print(f"  rule pass {ms(rule_pass) - ms(lambda: h.copy_(s_copy)):.3f} ms (copy of S subtracted)", flush=True)
-        del h, s_copy
         dense_rule.dense_rule_launch(x, up, down, lp, theta, e_star, 0, y)
         diff = float((y.float() - y_pairs.float()).norm() / y_pairs.float().norm())
         print(f"  experts from the rule (2 GEMMs, rule pass) {ms(lambda: dense_rule.dense_rule_launch(x, up, down, lp, theta, e_star, 0, y)):.3f} ms"
