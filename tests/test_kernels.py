@@ -759,10 +759,12 @@ def test_dense_rule_kernels_compile_for_sm90():
 
     from omnimoe.kernels import dense_rule, router
 
-    sig = {"h_ptr": "*bf16", "lp_ptr": "*fp32", "theta_ptr": "*i32", "estar_ptr": "*i32", "N": "i32", "s": "i32",
-           "stride_lp": "i32", "ACT": "constexpr", "BLOCK": "constexpr"}
-    src = ASTSource(fn=dense_rule._dense_rule_kernel, signature=sig, constexprs=dict(ACT=0, BLOCK=dense_rule.RULE_BLOCK))
-    assert triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=dense_rule.RULE_WARPS)).asm["cubin"]
+    meta = dense_rule.rule_pass_config(320)
+    warps = meta.pop("num_warps")
+    sig = {"h_ptr": "*bf16", "lp_ptr": "*fp32", "theta_ptr": "*i32", "estar_ptr": "*i32", "s": "i32", "stride_lp": "i32",
+           "ACT": "constexpr", **{k: "constexpr" for k in meta}}
+    src = ASTSource(fn=dense_rule._dense_rule_kernel, signature=sig, constexprs=dict(ACT=0, **meta))
+    assert triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=warps)).asm["cubin"]
     meta = router.threshold_kernel_config(320, 4096)
     warps = meta.pop("num_warps")
     sig = {"px_ptr": "*fp32", "py_ptr": "*fp32", "theta_ptr": "*i32", "estar_ptr": "*i32", "wsf_ptr": "*fp32",
