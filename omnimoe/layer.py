@@ -357,7 +357,7 @@ class OmniMoELayer(nn.Module):
             main = torch.cuda.current_stream(x2.device)
             side.wait_stream(main)
         with torch.cuda.stream(side) if side is not None else contextlib.nullcontext():
-            if dense and dense_rule.rule_applies(cfg.top_k, cfg.gate):
+            if dense and dense_rule.rule_applies(cfg.top_k, cfg.gate, cfg.num_experts):
                 # The router's top-K as a per-token rule, applied in the first GEMM's epilogue.
                 s = cfg.grid_side
                 log_probs = self._router_log_probs_fast(x2)

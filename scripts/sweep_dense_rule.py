@@ -58,8 +58,8 @@ def main() -> int:
 
         def rule_pass():
             h.copy_(s_copy)  # the pass works in place; the copy is timed apart below
-            meta = dense_rule.rule_pass_config(s)
-            dense_rule._dense_rule_kernel[(t, -(-s // meta["ROWS"]))](h, lp, theta, e_star, s, lp.stride(0), ACT=0, **meta)
+            dense_rule._dense_rule_kernel[(t, -(-n // dense_rule.RULE_BLOCK))](
+                h, lp, theta, e_star, n, s, lp.stride(0), ACT=0, BLOCK=dense_rule.RULE_BLOCK, num_warps=dense_rule.RULE_WARPS)
 
         print(f"  rule pass {ms(rule_pass) - ms(lambda: h.copy_(s_copy)):.3f} ms (copy of S subtracted)", flush=True)
         dense_rule.dense_rule_launch(x, up, down, lp, theta, e_star, 0, y)

@@ -263,7 +263,7 @@ def _dense_rule_case(T, s, K, act, d=32, seed=0, chunk_rows=None, dtype=torch.fl
     x, up, down, _, _ = _expert_inputs(T, d, N, 1, gen, dtype=dtype)
     x, up, down, px, py = (t.to(device) for t in (x, up, down, px, py))
     log_probs = torch.cat([px, py], 1)
-    assert dense_rule.rule_applies(K, "product") and not dense_rule.rule_applies(K, "softmax")
+    assert dense_rule.rule_applies(K, "product", N) and not dense_rule.rule_applies(K, "softmax", N)
     theta, e_star = router.product_key_threshold_triton(log_probs[:, :s], log_probs[:, s:], K)
     out = torch.full((T, d), float("nan"), dtype=dtype, device=device)
     default = dense_rule._CHUNK_ELEMENTS
@@ -759,12 +759,10 @@ def test_dense_rule_kernels_compile_for_sm90():
 
     from omnimoe.kernels import dense_rule, router
 
-    meta = dense_rule.rule_pass_config(320)
-    warps = meta.pop("num_warps")
-    sig = {"h_ptr": "*bf16", "lp_ptr": "*fp32", "theta_ptr": "*i32", "estar_ptr": "*i32", "s": "i32", "stride_lp": "i32",
-           "ACT": "constexpr", **{k: "constexpr" for k in meta}}
-    src = ASTSource(fn=dense_rule._dense_rule_kernel, signature=sig, constexprs=dict(ACT=0, **meta))
-    assert triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=warps)).asm["cubin"]
+    sig = {"h_ptr": "*bf16", "lp_ptr": "*fp32", "theta_ptr": "*i32", "estar_ptr": "*i32", "N": "i32", "s": "i32",
+           "stride_lp": "i32", "ACT": "constexpr", "BLOCK": "constexpr"}
+    src = ASTSource(fn=dense_rule._dense_rule_kernel, signature=sig, constexprs=dict(ACT=0, BLOCK=dense_rule.RULE_BLOCK))
+    assert triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=dense_rule.RULE_WARPS)).asm["cubin"]
     meta = router.threshold_kernel_config(320, 4096)
     warps = meta.pop("num_warps")
     sig = {"px_ptr": "*fp32", "py_ptr": "*fp32", "theta_ptr": "*i32", "estar_ptr": "*i32", "wsf_ptr": "*fp32",
