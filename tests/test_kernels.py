@@ -120,41 +120,6 @@ def _router_case_body(T, s, K, gate, ties, prealloc, strided, seed, sort=True):
     assert_topk_matches(px, py, K, gate, g, i, gr, ir)
 
 
-def _f32_keys(v):
-    """The router's order-preserving int32 image of fp32 values (router._f32_key)."""
-    b = v.float().contiguous().view(torch.int32)
-    return b ^ ((b >> 31) & 0x7FFFFFFF)
-
-
-def threshold_winners(px, py, theta, e_star):
-    """[T, s*s] bool: the experts the (theta, e_star) rule of product_key_threshold_triton admits."""
-    T, s = px.shape
-    key = _f32_keys((px[:, :, None] + py[:, None, :]).reshape(T, s * s))
-    e = torch.arange(s * s, device=px.device)
-    th, es = theta[:, None], e_star[:, None]
-    return (key > th) | ((key == th) & (e[None, :] < es))
-
-
-def _threshold_case(T, s, K, ties=False, seed=0, prealloc=False):
-    """The threshold router's rule admits exactly the reference's top-K set, ties included."""
-    from omnimoe.kernels import router
-
-    gen = torch.Generator().manual_seed(seed)
-    px, py = _rand_log_probs(T, s, gen, ties)
-    kw = {}
-    if prealloc:
-        kw = dict(theta_out=torch.empty(T, dtype=torch.int32), estar_out=torch.empty(T, dtype=torch.int32),
-                  workspace=torch.empty(router.topk_workspace_bytes(T, s, K), dtype=torch.uint8))
-    theta, e_star = router.product_key_threshold_triton(px, py, K, **kw)
-    if prealloc:
-        assert theta.data_ptr() == kw["theta_out"].data_ptr() and e_star.data_ptr() == kw["estar_out"].data_ptr()
-    _, ir = ops.product_key_topk_reference(px, py, K, "product")
-    ref = torch.zeros(T, s * s, dtype=torch.bool)
-    ref.scatter_(1, ir.long(), True)
-    win = threshold_winners(px, py, theta, e_star)
-    assert torch.equal(win, ref), [t for t in range(T) if not torch.equal(win[t], ref[t])]
-
-
 def _router_logits_case(T, s, K, gate, norm=True, prealloc=False, dtype=torch.float32, seed=0, device="cpu"):
     """The fused router tail (batch-norm affine + log-softmax + top-K) vs the reference top-K on
     torch's log-softmax of the same affine logits: same experts except at near-ties."""
@@ -249,47 +214,6 @@ def _dense_case(T, d, N, K, act, chunk_rows=None, dtype=torch.float32, seed=0, d
     assert y.data_ptr() == out.data_ptr()
     yr = ops.expert_grouped_matmul_reference(x, up, down, g, idx, act)
     assert rel_err(y, yr) <= (1e-5 if dtype == torch.float32 else 1e-2), rel_err(y, yr)
-
-
-def _dense_rule_case(T, s, K, act, d=32, seed=0, chunk_rows=None, dtype=torch.float32, device="cpu", ties=False):
-    """The rule-driven dense schedule (threshold router, GEMM, rule pass, GEMM) against the
-    reference experts on the reference top-K of the same log-probs."""
-    from omnimoe.kernels import dense_rule, router
-    from omnimoe.kernels import experts as ke
-
-    gen = torch.Generator().manual_seed(seed)
-    N = s * s
-    px, py = _rand_log_probs(T, s, gen, ties)
-    x, up, down, _, _ = _expert_inputs(T, d, N, 1, gen, dtype=dtype)
-    x, up, down, px, py = (t.to(device) for t in (x, up, down, px, py))
-    log_probs = torch.cat([px, py], 1)
-    assert dense_rule.rule_applies(K, "product", N) and not dense_rule.rule_applies(K, "softmax", N)
-    theta, e_star = router.product_key_threshold_triton(log_probs[:, :s], log_probs[:, s:], K)
-    out = torch.full((T, d), float("nan"), dtype=dtype, device=device)
-    default = dense_rule._CHUNK_ELEMENTS
-    if chunk_rows:
-        dense_rule._CHUNK_ELEMENTS = chunk_rows * N
-    try:
-        dense_rule.dense_rule_launch(x, up, down, log_probs, theta, e_star, ke.ACT_IDS[act], out)
-    finally:
-        dense_rule._CHUNK_ELEMENTS = default
-    g, i = ops.product_key_topk_reference(px, py, K, "product")
-    yr = ops.expert_grouped_matmul_reference(x.float(), up.float(), down.float(), g, i, act)
-    assert rel_err(out.float(), yr) <= (1e-5 if dtype == torch.float32 else 5e-3), rel_err(out.float(), yr)
-
-
-def _layer_dense_rule_case():
-    """The layer at K > SMALL_K_MAX, product gates and high density takes the rule-driven dense
-    schedule (fp32, within the layer case's 1e-5)."""
-    from omnimoe.kernels import experts as ke
-
-    default = ke.DENSE_MIN_TOKENS
-    ke.DENSE_MIN_TOKENS = 4
-    try:
-        assert ke.use_dense(10, 70, 144)
-        _layer_case("product", "silu", T=10, K=70, N=144, inter=24)
-    finally:
-        ke.DENSE_MIN_TOKENS = default
 
 
 def _layer_dense_case():
@@ -390,17 +314,7 @@ _LANE_CASES = {
                                                          sort=False),
 }
 
-# The threshold router (the dense schedule's rule): K just above SMALL_K_MAX, K > s, K = s^2, ties.
-_THRESHOLD_CASES = {
-    "threshold_k_gt_s": lambda: _threshold_case(5, 12, 70, seed=40),
-    "threshold_k_eq_n_ties": lambda: _threshold_case(3, 9, 81, ties=True, seed=41),
-    "threshold_ties_prealloc": lambda: _threshold_case(6, 16, 100, ties=True, seed=42, prealloc=True),
-    "threshold_ties_beyond_one_chunk": lambda: _threshold_case(2, 50, 1000, ties=True, seed=37),
-    "threshold_t0": lambda: _threshold_case(0, 12, 70),
-}
-
 INTERP_CASES = {
-    **_THRESHOLD_CASES,
     **{f"{name}_{p}": (lambda f=f, p=p: f(p)) for name, f in _ROUTER_CASES.items() for p in ("small", "large")},
     **_LANE_CASES,
     "bad_workspace_and_out": _bad_workspace_case,
@@ -433,11 +347,6 @@ INTERP_CASES = {
     "layer_expert_centric_fast_path": lambda: _layer_case("softmax", "silu", T=70, K=6),  # 70*6 >= 20*16
     "layer_large_k_fast_path": lambda: _layer_case("product", "silu", T=6, K=70, N=100, inter=8),  # K > 64: unfused tail
     "layer_dense_fast_path": _layer_dense_case,
-    "layer_dense_rule_fast_path": _layer_dense_rule_case,
-    **{f"dense_rule_{act}": (lambda a=act: _dense_rule_case(9, 12, 70, a, seed=43)) for act in ACTS},
-    "dense_rule_chunked_k_eq_n": lambda: _dense_rule_case(7, 16, 256, "silu", chunk_rows=3, seed=44),
-    "dense_rule_ties": lambda: _dense_rule_case(6, 9, 70, "silu", ties=True, seed=46),
-    "dense_rule_bf16_ragged": lambda: _dense_rule_case(5, 47, 300, "gelu", d=24, dtype=torch.bfloat16, seed=45),
     **{f"experts_dense_{act}": (lambda a=act: _dense_case(7, 24, 36, 5, a, seed=20)) for act in ACTS},
     "experts_dense_k_eq_n_chunked": lambda: _dense_case(5, 16, 9, 9, "silu", chunk_rows=2, seed=21),
     "experts_dense_t1": lambda: _dense_case(1, 16, 25, 3, "gelu", seed=22),
@@ -607,9 +516,6 @@ def test_gpu_router_logits_fused(s, K, dtype):
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_gpu_dense_schedule():
-    for dtype, act in ((torch.bfloat16, "silu"), (torch.float16, "gelu")):
-        _dense_rule_case(300, 64, 1024, act, d=256, dtype=dtype, seed=3, device="cuda")
-    _dense_rule_case(130, 320, 4096, "silu", d=128, chunk_rows=64, dtype=torch.bfloat16, seed=4, device="cuda")
     _dense_case(300, 256, 4096, 64, "silu", device="cuda")
     _dense_case(300, 256, 4096, 64, "gelu", dtype=torch.bfloat16, chunk_rows=128, seed=1, device="cuda")
     _dense_case(7, 96, 400, 400, "relu", dtype=torch.float16, seed=2, device="cuda")
@@ -637,7 +543,7 @@ def test_gpu_token_centric_fast_matches_public_launcher():
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-def test_gpu_decode_graphs_follow_inputs_weights_and_streams():
+def test_gpu_cuda_graphs_follow_inputs_weights_and_streams():
     """Small-T inference replays per-T CUDA graphs: same result as launching, on new inputs, after
     in-place weight updates (same addresses), after router weight updates (the cached router
     weights are rebuilt elsewhere: re-capture), after a parameter is replaced, from another stream."""
@@ -661,7 +567,7 @@ def test_gpu_decode_graphs_follow_inputs_weights_and_streams():
     with torch.inference_mode():
         for T in (1, 3, 1, 64, 3):
             check(T)
-        assert set(k[0] for k in layer._decode_graphs) == {1, 3, 64}
+        assert set(k[0] for k in layer._cuda_graphs) == {1, 3, 64}
         y1 = check(1)
         assert y1.data_ptr() != check(1).data_ptr()  # outputs are copies, not the graph's buffer
         for m in (layer, ref):
@@ -680,7 +586,7 @@ def test_gpu_decode_graphs_follow_inputs_weights_and_streams():
         frozen = OmniMoELayer(cfg, backend="triton", device="cuda", dtype=torch.bfloat16).eval()
         frozen.load_state_dict(layer.state_dict())
         x = torch.randn(2, 128, device="cuda", dtype=torch.bfloat16)
-        assert rel_err(frozen(x), layer(x)) <= 1e-3 and not frozen.__dict__.get("_decode_graphs")
+        assert rel_err(frozen(x), layer(x)) <= 1e-3 and not frozen.__dict__.get("_cuda_graphs")
 
 
 @pytest.mark.gpu
@@ -701,7 +607,7 @@ def test_gpu_repeat_graphs_only_for_repeated_token_counts():
     ref.repeat_cuda_graphs = False
 
     def repeats():
-        return [k[0] for k in layer.__dict__.get("_decode_graphs", {}) if k[0] > layer_mod._GRAPH_MAX_TOKENS]
+        return [k[0] for k in layer.__dict__.get("_cuda_graphs", {}) if k[0] > layer_mod._GRAPH_MAX_TOKENS]
 
     def check(T):
         x = torch.randn(T, 128, device="cuda", dtype=torch.bfloat16)
@@ -724,7 +630,7 @@ def test_gpu_repeat_graphs_only_for_repeated_token_counts():
         check(layer_mod._REPEAT_GRAPH_MAX_TOKENS + 1)
         check(layer_mod._REPEAT_GRAPH_MAX_TOKENS + 1)
         assert repeats() == [500, 700]
-        assert not ref.__dict__.get("_decode_graphs")
+        assert not ref.__dict__.get("_cuda_graphs")
 
 
 @pytest.mark.parametrize("name", ["beside_small_router", "beside_large_router"])
@@ -750,28 +656,6 @@ def test_gated_mlp_kernel_compiles_for_sm90(name):
     assert "wgmma" in compiled.asm["ptx"] and compiled.metadata.shared <= 227 * 1024
 
 
-def test_dense_rule_kernels_compile_for_sm90():
-    # The rule pass and the threshold router at the paper's K = 4096 on s = 320, through triton's
-    # code generator (the interpreter misses its errors).
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-
-    from omnimoe.kernels import dense_rule, router
-
-    sig = {"h_ptr": "*bf16", "lp_ptr": "*fp32", "theta_ptr": "*i32", "estar_ptr": "*i32", "N": "i32", "s": "i32",
-           "stride_lp": "i32", "ACT": "constexpr", "BLOCK": "constexpr"}
-    src = ASTSource(fn=dense_rule._dense_rule_kernel, signature=sig, constexprs=dict(ACT=0, BLOCK=dense_rule.RULE_BLOCK))
-    assert triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=dense_rule.RULE_WARPS)).asm["cubin"]
-    meta = router.threshold_kernel_config(320, 4096)
-    warps = meta.pop("num_warps")
-    sig = {"px_ptr": "*fp32", "py_ptr": "*fp32", "theta_ptr": "*i32", "estar_ptr": "*i32", "wsf_ptr": "*fp32",
-           "wsi_ptr": "*i32", **{k: "i32" for k in ("s", "K", "KA", "stride_px", "stride_py")},
-           **{k: "constexpr" for k in meta}}
-    src = ASTSource(fn=router._product_key_threshold_kernel, signature=sig, constexprs=meta)
-    assert triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=warps)).asm["cubin"]
-
-
 @pytest.mark.parametrize("side", [256, 1024])  # both launch configs (swiglu.gated_mlp_config)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("T", [1, 300, 4096])
@@ -795,8 +679,7 @@ def test_gpu_gated_mlp_rounds_once(T, dtype, side):
     assert rel_err(fused.float(), ref) <= 0.75 * rel_err(two_gemms.float(), ref), (rel_err(fused.float(), ref), rel_err(two_gemms.float(), ref))
 
 
-# (16384, 512, 256): dense from its pair list (softmax gates); (16384, 1024, 512, product): dense
-# from the router's rule.
+# (16384, 512, 256) and (16384, 1024, 512): the dense schedule, with either gate.
 @pytest.mark.parametrize("N,K,T,gate", [(4096, 16, 1024, "softmax"), (16384, 512, 256, "softmax"),
                                         (16384, 1024, 512, "product"), (1 << 20, 16, 8, "softmax"),
                                         (1 << 20, 16, 1, "softmax")])
