@@ -250,8 +250,8 @@ class OmniMoELayer(nn.Module):
         T = x2.shape[0]
         if x2.is_cuda and T > 0 and not torch.cuda.is_current_stream_capturing() and not torch.is_autocast_enabled():
             key = (T, x2.dtype, x2.device)
-            repeated = self.__dict__.get("_last_launch_key") == key
-            self.__dict__["_last_launch_key"] = key
+            repeated = self.__dict__.get("_last_call_key") == key
+            self.__dict__["_last_call_key"] = key
             if ((self.decode_cuda_graphs and T <= _GRAPH_MAX_TOKENS)
                     or (self.repeat_cuda_graphs and _GRAPH_MAX_TOKENS < T <= _REPEAT_GRAPH_MAX_TOKENS
                         and (repeated or key in self.__dict__.get("_cuda_graphs", ())))):
