@@ -227,20 +227,27 @@ class OmniMoELayer(nn.Module):
 
         cfg = self.config
         s, K, T = cfg.grid_side, cfg.top_k, x2.shape[0]
+        if K > kr.SMALL_K_MAX or T == 0:
+            log_probs = self._router_log_probs_fast(x2)
+            return kr.product_key_topk_triton(log_probs[:, :s], log_probs[:, s:], K, cfg.gate, sort=sort)
         w, norm_affine = self._router_inference_params()
         logits = F.linear(x2, w)
-        if K > kr.SMALL_K_MAX or T == 0:
-            if norm_affine is not None:
-                logits = torch.addcmul(norm_affine[1], logits, norm_affine[0])
-            else:
-                logits = logits.float()
-            log_probs = torch.log_softmax(logits.view(T, 2, s), dim=-1)
-            return kr.product_key_topk_triton(log_probs[:, 0], log_probs[:, 1], K, cfg.gate, sort=sort)
         gates = torch.empty((T, K), dtype=torch.float32, device=x2.device)
         indices = torch.empty((T, K), dtype=torch.int32, device=x2.device)
         scale, shift = norm_affine if norm_affine is not None else (None, None)
         kr._router_logits_topk_launch(logits, scale, shift, s, K, cfg.gate, gates, indices)
         return gates, indices
+
+    def _router_log_probs_fast(self, x2: torch.Tensor) -> torch.Tensor:
+        """[T, 2s] float32: px then py of router_log_probs, from one router GEMM."""
+        w, norm_affine = self._router_inference_params()
+        logits = F.linear(x2, w)
+        if norm_affine is not None:
+            logits = torch.addcmul(norm_affine[1], logits, norm_affine[0])
+        else:
+            logits = logits.float()
+        s = self.config.grid_side
+        return torch.log_softmax(logits.view(x2.shape[0], 2, s), dim=-1).view(x2.shape[0], 2 * s)
 
     def _forward_fast(self, x2: torch.Tensor) -> torch.Tensor:
         """Eval + no-grad Triton inference. On CUDA, up to _GRAPH_MAX_TOKENS tokens (decode), and
@@ -325,8 +332,9 @@ class OmniMoELayer(nn.Module):
         argument re-checks between our own kernels, and the side stream only from
         _SIDE_STREAM_MIN_TOKENS tokens (below, the stream switches cost more host time than the
         overlap saves) or under graph capture."""
+        from .kernels import dense_rule, swiglu
         from .kernels import experts as ke
-        from .kernels import swiglu
+        from .kernels import router as kr
 
         cfg = self.config
         T = x2.shape[0]
@@ -349,13 +357,20 @@ class OmniMoELayer(nn.Module):
             main = torch.cuda.current_stream(x2.device)
             side.wait_stream(main)
         with torch.cuda.stream(side) if side is not None else contextlib.nullcontext():
-            gates, indices = self._route_fast(x2, sort=False)  # the routed sum ignores their order
-            if dense:
-                ke._dense_launch(x2, up, down, gates, indices, act, y)
-            elif token:
-                ke.token_centric_fast(x2, up, down, gates, indices, y, act)
+            if dense and dense_rule.rule_applies(cfg.top_k, cfg.gate):
+                # The router's top-K as a per-token rule, applied by one pass over X Up^T.
+                s = cfg.grid_side
+                log_probs = self._router_log_probs_fast(x2)
+                theta, e_star = kr.product_key_threshold_triton(log_probs[:, :s], log_probs[:, s:], cfg.top_k)
+                dense_rule.dense_rule_launch(x2, up, down, log_probs, theta, e_star, act, y)
             else:
-                ke.expert_grouped_matmul_triton(x2, up, down, gates, indices, cfg.hidden_act, out=y)
+                gates, indices = self._route_fast(x2, sort=False)  # the routed sum ignores their order
+                if dense:
+                    ke._dense_launch(x2, up, down, gates, indices, act, y)
+                elif token:
+                    ke.token_centric_fast(x2, up, down, gates, indices, y, act)
+                else:
+                    ke.expert_grouped_matmul_triton(x2, up, down, gates, indices, cfg.hidden_act, out=y)
         if shared:
             wg, wu = self.gate_proj.weight, self.up_proj.weight
             if swiglu.gated_mlp_fusable(x2, wg, wu):

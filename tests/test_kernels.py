@@ -120,6 +120,41 @@ def _router_case_body(T, s, K, gate, ties, prealloc, strided, seed, sort=True):
     assert_topk_matches(px, py, K, gate, g, i, gr, ir)
 
 
+def _f32_keys(v):
+    """The router's order-preserving int32 image of fp32 values (router._f32_key)."""
+    b = v.float().contiguous().view(torch.int32)
+    return b ^ ((b >> 31) & 0x7FFFFFFF)
+
+
+def threshold_winners(px, py, theta, e_star):
+    """[T, s*s] bool: the experts the (theta, e_star) rule of product_key_threshold_triton admits."""
+    T, s = px.shape
+    key = _f32_keys((px[:, :, None] + py[:, None, :]).reshape(T, s * s))
+    e = torch.arange(s * s, device=px.device)
+    th, es = theta[:, None], e_star[:, None]
+    return (key > th) | ((key == th) & (e[None, :] < es))
+
+
+def _threshold_case(T, s, K, ties=False, seed=0, prealloc=False):
+    """The threshold router's rule admits exactly the reference's top-K set, ties included."""
+    from omnimoe.kernels import router
+
+    gen = torch.Generator().manual_seed(seed)
+    px, py = _rand_log_probs(T, s, gen, ties)
+    kw = {}
+    if prealloc:
+        kw = dict(theta_out=torch.empty(T, dtype=torch.int32), estar_out=torch.empty(T, dtype=torch.int32),
+                  workspace=torch.empty(router.topk_workspace_bytes(T, s, K), dtype=torch.uint8))
+    theta, e_star = router.product_key_threshold_triton(px, py, K, **kw)
+    if prealloc:
+        assert theta.data_ptr() == kw["theta_out"].data_ptr() and e_star.data_ptr() == kw["estar_out"].data_ptr()
+    _, ir = ops.product_key_topk_reference(px, py, K, "product")
+    ref = torch.zeros(T, s * s, dtype=torch.bool)
+    ref.scatter_(1, ir.long(), True)
+    win = threshold_winners(px, py, theta, e_star)
+    assert torch.equal(win, ref), [t for t in range(T) if not torch.equal(win[t], ref[t])]
+
+
 def _router_logits_case(T, s, K, gate, norm=True, prealloc=False, dtype=torch.float32, seed=0, device="cpu"):
     """The fused router tail (batch-norm affine + log-softmax + top-K) vs the reference top-K on
     torch's log-softmax of the same affine logits: same experts except at near-ties."""
@@ -228,6 +263,47 @@ def _layer_dense_case():
         ke.DENSE_MIN_TOKENS = default
 
 
+def _dense_rule_case(T, s, K, act, d=32, seed=0, chunk_rows=None, dtype=torch.float32, device="cpu", ties=False):
+    """The rule-driven dense schedule (threshold router, GEMM, rule pass, GEMM) against the
+    reference experts on the reference top-K of the same log-probs."""
+    from omnimoe.kernels import dense_rule, router
+    from omnimoe.kernels import experts as ke
+
+    gen = torch.Generator().manual_seed(seed)
+    N = s * s
+    px, py = _rand_log_probs(T, s, gen, ties)
+    x, up, down, _, _ = _expert_inputs(T, d, N, 1, gen, dtype=dtype)
+    x, up, down, px, py = (t.to(device) for t in (x, up, down, px, py))
+    log_probs = torch.cat([px, py], 1)
+    assert dense_rule.rule_applies(K, "product") and not dense_rule.rule_applies(K, "softmax")
+    theta, e_star = router.product_key_threshold_triton(log_probs[:, :s], log_probs[:, s:], K)
+    out = torch.full((T, d), float("nan"), dtype=dtype, device=device)
+    default = dense_rule._CHUNK_ELEMENTS
+    if chunk_rows:
+        dense_rule._CHUNK_ELEMENTS = chunk_rows * N
+    try:
+        dense_rule.dense_rule_launch(x, up, down, log_probs, theta, e_star, ke.ACT_IDS[act], out)
+    finally:
+        dense_rule._CHUNK_ELEMENTS = default
+    g, i = ops.product_key_topk_reference(px, py, K, "product")
+    yr = ops.expert_grouped_matmul_reference(x.float(), up.float(), down.float(), g, i, act)
+    assert rel_err(out.float(), yr) <= (1e-5 if dtype == torch.float32 else 5e-3), rel_err(out.float(), yr)
+
+
+def _layer_dense_rule_case():
+    """The layer at K > SMALL_K_MAX, product gates and high density takes the rule-driven dense
+    schedule (fp32, within the layer case's 1e-5)."""
+    from omnimoe.kernels import experts as ke
+
+    default = ke.DENSE_MIN_TOKENS
+    ke.DENSE_MIN_TOKENS = 4
+    try:
+        assert ke.use_dense(10, 70, 144)
+        _layer_case("product", "silu", T=10, K=70, N=144, inter=24)
+    finally:
+        ke.DENSE_MIN_TOKENS = default
+
+
 def _layer_case(gate, act, router_norm="batchnorm", inter=16, T=10, K=6, N=16, grad=False, dtype=torch.float32):
     """The whole triton-backend layer (fused SwiGLU product and residual add included) vs the reference.
 
@@ -314,7 +390,16 @@ _LANE_CASES = {
                                                          sort=False),
 }
 
+_THRESHOLD_CASES = {
+    "threshold_k_gt_s": lambda: _threshold_case(5, 12, 70, seed=40),
+    "threshold_k_eq_n_ties": lambda: _threshold_case(3, 9, 81, ties=True, seed=41),
+    "threshold_ties_prealloc": lambda: _threshold_case(6, 16, 100, ties=True, seed=42, prealloc=True),
+    "threshold_ties_beyond_one_chunk": lambda: _threshold_case(2, 50, 1000, ties=True, seed=37),
+    "threshold_t0": lambda: _threshold_case(0, 12, 70),
+}
+
 INTERP_CASES = {
+    **_THRESHOLD_CASES,
     **{f"{name}_{p}": (lambda f=f, p=p: f(p)) for name, f in _ROUTER_CASES.items() for p in ("small", "large")},
     **_LANE_CASES,
     "bad_workspace_and_out": _bad_workspace_case,
@@ -348,6 +433,11 @@ INTERP_CASES = {
     "layer_large_k_fast_path": lambda: _layer_case("product", "silu", T=6, K=70, N=100, inter=8),  # K > 64: unfused tail
     "layer_dense_fast_path": _layer_dense_case,
     **{f"experts_dense_{act}": (lambda a=act: _dense_case(7, 24, 36, 5, a, seed=20)) for act in ACTS},
+    "layer_dense_rule_fast_path": _layer_dense_rule_case,
+    **{f"dense_rule_{act}": (lambda a=act: _dense_rule_case(9, 12, 70, a, seed=43)) for act in ACTS},
+    "dense_rule_chunked_k_eq_n": lambda: _dense_rule_case(7, 16, 256, "silu", chunk_rows=3, seed=44),
+    "dense_rule_ties": lambda: _dense_rule_case(6, 9, 70, "silu", ties=True, seed=46),
+    "dense_rule_fp16_ragged": lambda: _dense_rule_case(5, 47, 300, "gelu", d=24, dtype=torch.float16, seed=45),
     "experts_dense_k_eq_n_chunked": lambda: _dense_case(5, 16, 9, 9, "silu", chunk_rows=2, seed=21),
     "experts_dense_t1": lambda: _dense_case(1, 16, 25, 3, "gelu", seed=22),
     "router_logits_norm_product": lambda: _router_logits_case(5, 8, 16, "product"),
@@ -519,6 +609,10 @@ def test_gpu_dense_schedule():
     _dense_case(300, 256, 4096, 64, "silu", device="cuda")
     _dense_case(300, 256, 4096, 64, "gelu", dtype=torch.bfloat16, chunk_rows=128, seed=1, device="cuda")
     _dense_case(7, 96, 400, 400, "relu", dtype=torch.float16, seed=2, device="cuda")
+    for dtype, act in ((torch.bfloat16, "silu"), (torch.float16, "gelu")):
+        _dense_rule_case(300, 64, 1024, act, d=256, dtype=dtype, seed=3, device="cuda")
+    _dense_rule_case(130, 320, 4096, "silu", d=128, chunk_rows=64, dtype=torch.bfloat16, seed=4, device="cuda")
+    _dense_rule_case(40, 50, 700, "silu", d=64, dtype=torch.bfloat16, ties=True, seed=5, device="cuda")
 
 
 @pytest.mark.gpu
@@ -763,6 +857,33 @@ def test_many_tokens_launch_configs(monkeypatch):
         kr._router_logits_topk_launch(torch.zeros(T, 2 * 1024), None, None, 1024, K, "product", g, i)
     assert [(m["BLOCK_K"], m["num_warps"]) for m in token.metas] == [(16, 8), (16, 8), (4, 4), (4, 4)]
     assert [m["num_warps"] for m in tail.metas] == [4, 1]
+
+
+def test_dense_rule_kernels_compile_for_sm90():
+    # The rule pass (16-byte vector loads and stores of S / H at s = 320) and the threshold router
+    # at the paper's K = 4096, through triton's code generator (the interpreter misses its errors).
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from omnimoe.kernels import dense_rule, router
+
+    meta = dense_rule.rule_pass_config()
+    warps = meta.pop("num_warps")
+    sig = {"h_ptr": "*bf16", "lp_ptr": "*fp32", "theta_ptr": "*i32", "estar_ptr": "*i32", "s": "i32",
+           "stride_lp": "i32", "ACT": "constexpr", **{k: "constexpr" for k in meta}}
+    div16 = [["tt.divisibility", 16]]
+    attrs = {(0,): div16, (1,): div16, (4,): div16, (5,): div16}  # what launches with s = 320 specialise to
+    src = ASTSource(fn=dense_rule._dense_rule_kernel, signature=sig, constexprs=dict(ACT=0, **meta), attrs=attrs)
+    ptx = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=warps)).asm["ptx"]
+    assert "ld.global.v4.b32" in ptx and "st.global.v4.b32" in ptx and "ld.global.b16" not in ptx
+    meta = router.threshold_kernel_config(320, 4096)
+    warps = meta.pop("num_warps")
+    sig = {"px_ptr": "*fp32", "py_ptr": "*fp32", "theta_ptr": "*i32", "estar_ptr": "*i32", "wsf_ptr": "*fp32",
+           "wsi_ptr": "*i32", **{k: "i32" for k in ("s", "K", "KA", "stride_px", "stride_py")},
+           **{k: "constexpr" for k in meta}}
+    src = ASTSource(fn=router._product_key_threshold_kernel, signature=sig, constexprs=meta)
+    assert triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=warps)).asm["cubin"]
 
 
 def test_every_kernel_compiles_for_sm90():

@@ -151,14 +151,14 @@ def _gates_of(score, km, SOFTMAX: tl.constexpr):
 
 
 @triton.jit
-def _product_key_topk_kernel(
-    px_ptr, py_ptr, gates_ptr, idx_ptr, wsf_ptr, wsi_ptr,
-    s, K, KA, stride_px, stride_py,
-    SOFTMAX: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_K: tl.constexpr,
-    CHUNK: tl.constexpr, STEPS_A: tl.constexpr, STEPS_L: tl.constexpr, STEPS_N: tl.constexpr,
-    SORTED: tl.constexpr,
-):
-    t = tl.program_id(0).to(tl.int64)
+def _topk_threshold(t, px_ptr, py_ptr, wsf_ptr, wsi_ptr, s, K, KA, stride_px, stride_py,
+                    BLOCK_S: tl.constexpr, BLOCK_L: tl.constexpr, CHUNK: tl.constexpr, STEPS_A: tl.constexpr,
+                    STEPS_L: tl.constexpr, STEPS_N: tl.constexpr):
+    """Steps 1-3 of the module docstring for token t: the K-th largest score's int32 key theta and
+    e_star, such that token t's top-K are the candidates with key > theta plus those with
+    key == theta and expert < e_star (s*s when every candidate >= theta is a winner). Leaves the
+    sorted axes and the lanes' emit / tie / strict prefixes in the token's workspace slice.
+    Returns (theta, e_star, n_emit, n_gt, R, NL)."""
     base = t * (10 * KA)
     xv_ptr = wsf_ptr + base  # xv then yv: the lanes' items are read as one array
     yv_ptr = xv_ptr + KA
@@ -167,8 +167,6 @@ def _product_key_topk_kernel(
     p_ptr = xi_ptr + 2 * KA  # inclusive prefix of lanes' emitted counts (<= 2 KA lanes)
     q_ptr = xi_ptr + 4 * KA  # inclusive prefix of lanes' tie counts
     g_ptr = xi_ptr + 6 * KA  # lanes' strictly-greater counts
-    out_g = gates_ptr + t * K
-    out_i = idx_ptr + t * K
 
     _sort_axis(px_ptr + t * stride_px, s, xv_ptr, xi_ptr, KA, BLOCK_S)
     _sort_axis(py_ptr + t * stride_py, s, yv_ptr, yi_ptr, KA, BLOCK_S)
@@ -217,17 +215,7 @@ def _product_key_topk_kernel(
     tl.store(g_ptr + lanes, cnt_gt, mask=lmask)
     tl.debug_barrier()
 
-    ch = tl.arange(0, CHUNK)
-    for o0 in range(0, n_emit, CHUNK):
-        o = o0 + ch
-        om = o < n_emit
-        lane, j = _row_of(o, p_ptr, NL, STEPS_L)
-        a, b = _lane_item(lane, j, R)
-        v = tl.load(xv_ptr + a, mask=om, other=0.0) + tl.load(yv_ptr + b, mask=om, other=0.0)
-        e = tl.load(xi_ptr + a, mask=om, other=0) * s + tl.load(yi_ptr + b, mask=om, other=0)
-        tl.store(out_g + o, v, mask=om)
-        tl.store(out_i + o, e, mask=om)
-
+    e_star = tl.zeros_like(n_gt) + s * s
     if overflow:
         # Ties at theta exceed the K - n_gt free slots: admit the smallest expert ids. Bisection
         # for e_star = min{E : #{ties with expert < E} >= need}; exactly `need` are below it.
@@ -235,7 +223,8 @@ def _product_key_topk_kernel(
         # handful of items) stay in registers for all STEPS_N steps; any further chunks reload.
         need = K - n_gt
         n_tie = total_ge - n_gt
-        e0, v0, m0 = _tie_chunk(0, n_tie, ch, xv_ptr, yv_ptr, xi_ptr, yi_ptr, q_ptr, g_ptr, s, R, NL, STEPS_L)
+        ch = tl.arange(0, CHUNK)
+        e0, _v0, m0 = _tie_chunk(0, n_tie, ch, xv_ptr, yv_ptr, xi_ptr, yi_ptr, q_ptr, g_ptr, s, R, NL, STEPS_L)
         elo = tl.zeros_like(n_tie)
         ehi = tl.zeros_like(n_tie) + s * s
         for _ in range(STEPS_N):
@@ -248,11 +237,51 @@ def _product_key_topk_kernel(
             ok = c >= need
             ehi = tl.where(ok, emid, ehi)
             elo = tl.where(ok, elo, emid + 1)
-        # e_star = elo: store the ties below it after the n_gt strict winners, chunk by chunk.
-        written = _store_ties(out_g, out_i, e0, v0, m0, elo, n_gt)
-        for j0 in range(CHUNK, n_tie, CHUNK):
+        e_star = elo
+    return lo.to(tl.int32), e_star, n_emit, n_gt, R, NL
+
+
+@triton.jit
+def _product_key_topk_kernel(
+    px_ptr, py_ptr, gates_ptr, idx_ptr, wsf_ptr, wsi_ptr,
+    s, K, KA, stride_px, stride_py,
+    SOFTMAX: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_K: tl.constexpr,
+    CHUNK: tl.constexpr, STEPS_A: tl.constexpr, STEPS_L: tl.constexpr, STEPS_N: tl.constexpr,
+    SORTED: tl.constexpr,
+):
+    t = tl.program_id(0).to(tl.int64)
+    theta, e_star, n_emit, n_gt, R, NL = _topk_threshold(
+        t, px_ptr, py_ptr, wsf_ptr, wsi_ptr, s, K, KA, stride_px, stride_py,
+        BLOCK_S, BLOCK_L, CHUNK, STEPS_A, STEPS_L, STEPS_N)
+    base = t * (10 * KA)
+    xv_ptr = wsf_ptr + base
+    yv_ptr = xv_ptr + KA
+    xi_ptr = wsi_ptr + base + 2 * KA
+    yi_ptr = xi_ptr + KA
+    p_ptr = xi_ptr + 2 * KA
+    q_ptr = xi_ptr + 4 * KA
+    g_ptr = xi_ptr + 6 * KA
+    out_g = gates_ptr + t * K
+    out_i = idx_ptr + t * K
+
+    ch = tl.arange(0, CHUNK)
+    for o0 in range(0, n_emit, CHUNK):
+        o = o0 + ch
+        om = o < n_emit
+        lane, j = _row_of(o, p_ptr, NL, STEPS_L)
+        a, b = _lane_item(lane, j, R)
+        v = tl.load(xv_ptr + a, mask=om, other=0.0) + tl.load(yv_ptr + b, mask=om, other=0.0)
+        e = tl.load(xi_ptr + a, mask=om, other=0) * s + tl.load(yi_ptr + b, mask=om, other=0)
+        tl.store(out_g + o, v, mask=om)
+        tl.store(out_i + o, e, mask=om)
+
+    if n_emit < K:
+        # Overflowing ties: the ones below e_star (exactly K - n_gt of them) after the strict winners.
+        n_tie = tl.load(q_ptr + NL - 1)
+        written = n_gt
+        for j0 in range(0, n_tie, CHUNK):
             e, v, jm = _tie_chunk(j0, n_tie, ch, xv_ptr, yv_ptr, xi_ptr, yi_ptr, q_ptr, g_ptr, s, R, NL, STEPS_L)
-            written = _store_ties(out_g, out_i, e, v, jm, elo, written)
+            written = _store_ties(out_g, out_i, e, v, jm, e_star, written)
     tl.debug_barrier()
 
     ko = tl.arange(0, BLOCK_K)
@@ -268,6 +297,23 @@ def _product_key_topk_kernel(
         e = 0x7FFFFFFF - (packed & 0xFFFFFFFF).to(tl.int32)
         tl.store(out_i + ko, e, mask=km)
     tl.store(out_g + ko, _gates_of(v, km, SOFTMAX), mask=km)
+
+
+@triton.jit
+def _product_key_threshold_kernel(
+    px_ptr, py_ptr, theta_ptr, estar_ptr, wsf_ptr, wsi_ptr,
+    s, K, KA, stride_px, stride_py,
+    BLOCK_S: tl.constexpr, BLOCK_L: tl.constexpr, CHUNK: tl.constexpr, STEPS_A: tl.constexpr,
+    STEPS_L: tl.constexpr, STEPS_N: tl.constexpr,
+):
+    """Per token only (theta, e_star) of `_topk_threshold`: the top-K as a rule, not a list (the
+    dense schedule's GEMM applies it to every (token, expert) it computes)."""
+    t = tl.program_id(0).to(tl.int64)
+    theta, e_star, _n_emit, _n_gt, _R, _NL = _topk_threshold(
+        t, px_ptr, py_ptr, wsf_ptr, wsi_ptr, s, K, KA, stride_px, stride_py,
+        BLOCK_S, BLOCK_L, CHUNK, STEPS_A, STEPS_L, STEPS_N)
+    tl.store(theta_ptr + t, theta)
+    tl.store(estar_ptr + t, e_star)
 
 
 @triton.jit
@@ -430,6 +476,58 @@ def topk_kernel_config(grid_side: int, top_k: int, gate: str, sort: bool = True,
         SORTED=bool(sort),
         num_warps=_large_num_warps(s),
     )
+
+
+def threshold_kernel_config(grid_side: int, top_k: int) -> dict:
+    """Constexprs + num_warps of `_product_key_threshold_kernel` (top_k > SMALL_K_MAX): those of
+    the top-K kernel it shares `_topk_threshold` with."""
+    _, meta = topk_kernel_config(grid_side, top_k, "product", sort=False)
+    for emit_only in ("SOFTMAX", "BLOCK_K", "SORTED"):
+        meta.pop(emit_only)
+    return meta
+
+
+def product_key_threshold_triton(
+    log_probs_x: torch.Tensor,
+    log_probs_y: torch.Tensor,
+    top_k: int,
+    *,
+    theta_out: torch.Tensor | None = None,
+    estar_out: torch.Tensor | None = None,
+    workspace: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each token's exact product-key top-K as a rule instead of a list: theta [T] int32 (the K-th
+    largest score's order-preserving int32 key, `_f32_key`) and e_star [T] int32. Expert
+    e = i*s + j with score v = px[i] + py[j] is a winner iff key(v) > theta, or key(v) == theta
+    and e < e_star. top_k in (SMALL_K_MAX, min(4096, s*s)].
+
+    The set equals product_key_topk_triton's except in one corner: a candidate that ties the K-th
+    score exactly, lies outside the ranks (a+1)(b+1) <= K the router searches, and has a smaller
+    expert id than an admitted tie (then the rule admits it too). That needs more than K pairs
+    with scores >= theta in one rank rectangle, i.e. whole rows of identical log-probs.
+    With outputs and workspace given: no allocation, no host sync."""
+    T, s = ops.check_topk_inputs(log_probs_x, log_probs_y, top_k, "product")
+    check_device(log_probs_x, log_probs_y)
+    dev = log_probs_x.device
+    K = int(top_k)
+    if not SMALL_K_MAX < K <= 4096:
+        raise ops.OmniMoEInputError(f"the threshold router takes {SMALL_K_MAX} < top_k <= 4096, got {K}")
+    if log_probs_x.stride(1) != 1 or log_probs_y.stride(1) != 1:
+        raise ops.OmniMoEInputError("router log-probs must have unit stride along s")
+    outs = []
+    for name, t in (("theta_out", theta_out), ("estar_out", estar_out)):
+        if t is None:
+            t = torch.empty(T, dtype=torch.int32, device=dev)
+        check_out(t, (T,), torch.int32, dev, name)
+        outs.append(t)
+    if T:
+        ka = min(K, s)
+        ws = Carver(workspace, topk_workspace_bytes(T, s, K), dev).take(T * _WS_ROWS * ka, torch.int32)
+        _product_key_threshold_kernel[(T,)](
+            log_probs_x, log_probs_y, outs[0], outs[1], ws.view(torch.float32), ws,
+            s, K, ka, log_probs_x.stride(0), log_probs_y.stride(0), **threshold_kernel_config(s, K),
+        )
+    return outs[0], outs[1]
 
 
 def topk_workspace_bytes(max_tokens: int, grid_side: int, top_k: int) -> int:
