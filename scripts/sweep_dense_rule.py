@@ -4,7 +4,7 @@ list (experts._dense_launch) at a SPEC §7 config: the routers alone, the rule p
 both schedules' routed experts (router excluded) and the whole layer's CUDA graph.
 
     python3 scripts/sweep_dense_rule.py [--config paper_k4096] [--iters 20]
-        [--tiles "16x64x4;32x64x4"]   (rows x columns x warps of the rule pass)
+        [--tiles "16x64x4:pf;32x64x4:f"]   (rows x columns x warps of the rule pass; p: prefetch, f: fast act)
 """
 from __future__ import annotations
 
@@ -23,14 +23,17 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--config", default="paper_k4096")
     ap.add_argument("--iters", type=int, default=20)
-    ap.add_argument("--tiles", default="16x64x4;32x64x4;64x64x8;8x128x4;32x128x8")
+    ap.add_argument("--tiles", default="16x64x4:;16x64x4:f;16x64x4:pf;32x64x4:pf;16x128x4:pf;8x64x2:pf;32x64x8:pf")
     args = ap.parse_args()
     if args.config not in CONFIGS:
         print(f"unknown config {args.config!r}; one of {', '.join(CONFIGS)}", file=sys.stderr)
         return 2
     try:
-        tiles = [tuple(int(v) for v in tile.split("x")) for tile in args.tiles.split(";")]
-        assert all(len(t) == 3 for t in tiles)
+        tiles = []
+        for tile in args.tiles.split(";"):
+            shape, _, flags = tile.partition(":")
+            tiles.append((*(int(v) for v in shape.split("x")), flags))
+            assert len(tiles[-1]) == 4 and set(flags) <= set("pf")
     except (ValueError, AssertionError):
         print(f"--tiles takes rows x columns x warps separated by ';', got {args.tiles!r}", file=sys.stderr)
         return 2
@@ -66,8 +69,8 @@ def main() -> int:
         s_copy = h.clone()
         copy_ms = ms(lambda: h.copy_(s_copy))
         print(f"  copy of S (subtracted below) {copy_ms:.3f} ms", flush=True)
-        for rows, cols, warps in tiles:
-            meta = dense_rule.rule_pass_config(rows, cols, warps)
+        for rows, cols, warps, flags in tiles:
+            meta = dense_rule.rule_pass_config(rows, cols, warps, prefetch="p" in flags, fast="f" in flags)
 
             def rule_pass():
                 h.copy_(s_copy)  # the pass works in place
@@ -75,7 +78,7 @@ def main() -> int:
 
             dense_rule.dense_rule_launch(x, up, down, lp, theta, e_star, 0, y, meta)
             diff = float((y.float() - y_pairs.float()).norm() / y_pairs.float().norm())
-            print(f"  rule pass {rows}x{cols} {warps} warps: {ms(rule_pass) - copy_ms:.3f} ms; experts from the rule "
+            print(f"  rule pass {rows}x{cols} {warps} warps {flags or '-'}: {ms(rule_pass) - copy_ms:.3f} ms; experts from the rule "
                   f"(2 GEMMs, pass) {ms(lambda: dense_rule.dense_rule_launch(x, up, down, lp, theta, e_star, 0, y, meta)):.3f} ms"
                   f" (rel diff vs pairs {diff:.1e})", flush=True)
         applies = dense_rule.rule_applies

@@ -263,7 +263,8 @@ def _layer_dense_case():
         ke.DENSE_MIN_TOKENS = default
 
 
-def _dense_rule_case(T, s, K, act, d=32, seed=0, chunk_rows=None, dtype=torch.float32, device="cpu", ties=False):
+def _dense_rule_case(T, s, K, act, d=32, seed=0, chunk_rows=None, dtype=torch.float32, device="cpu", ties=False,
+                     meta=None):
     """The rule-driven dense schedule (threshold router, GEMM, rule pass, GEMM) against the
     reference experts on the reference top-K of the same log-probs."""
     from omnimoe.kernels import dense_rule, router
@@ -282,12 +283,18 @@ def _dense_rule_case(T, s, K, act, d=32, seed=0, chunk_rows=None, dtype=torch.fl
     if chunk_rows:
         dense_rule._CHUNK_ELEMENTS = chunk_rows * N
     try:
-        dense_rule.dense_rule_launch(x, up, down, log_probs, theta, e_star, ke.ACT_IDS[act], out)
+        dense_rule.dense_rule_launch(x, up, down, log_probs, theta, e_star, ke.ACT_IDS[act], out, meta)
     finally:
         dense_rule._CHUNK_ELEMENTS = default
     g, i = ops.product_key_topk_reference(px, py, K, "product")
     yr = ops.expert_grouped_matmul_reference(x.float(), up.float(), down.float(), g, i, act)
     assert rel_err(out.float(), yr) <= (1e-5 if dtype == torch.float32 else 5e-3), rel_err(out.float(), yr)
+
+
+def _rule_meta(**kw):
+    from omnimoe.kernels import dense_rule
+
+    return dense_rule.rule_pass_config(**kw)
 
 
 def _layer_dense_rule_case():
@@ -437,6 +444,8 @@ INTERP_CASES = {
     **{f"dense_rule_{act}": (lambda a=act: _dense_rule_case(9, 12, 70, a, seed=43)) for act in ACTS},
     "dense_rule_chunked_k_eq_n": lambda: _dense_rule_case(7, 16, 256, "silu", chunk_rows=3, seed=44),
     "dense_rule_ties": lambda: _dense_rule_case(6, 9, 70, "silu", ties=True, seed=46),
+    "dense_rule_no_prefetch_tall_tile": lambda: _dense_rule_case(
+        4, 20, 90, "silu", seed=47, meta=_rule_meta(rows=32, cols=16, prefetch=False)),
     "dense_rule_fp16_ragged": lambda: _dense_rule_case(5, 47, 300, "gelu", d=24, dtype=torch.float16, seed=45),
     "experts_dense_k_eq_n_chunked": lambda: _dense_case(5, 16, 9, 9, "silu", chunk_rows=2, seed=21),
     "experts_dense_t1": lambda: _dense_case(1, 16, 25, 3, "gelu", seed=22),
@@ -613,6 +622,10 @@ def test_gpu_dense_schedule():
         _dense_rule_case(300, 64, 1024, act, d=256, dtype=dtype, seed=3, device="cuda")
     _dense_rule_case(130, 320, 4096, "silu", d=128, chunk_rows=64, dtype=torch.bfloat16, seed=4, device="cuda")
     _dense_rule_case(40, 50, 700, "silu", d=64, dtype=torch.bfloat16, ties=True, seed=5, device="cuda")
+    # The fast activations (inline PTX, GPU only) against the plain ones, both rule-pass loops.
+    for act in ("silu", "gelu_tanh"):
+        for prefetch in (True, False):
+            _dense_rule_case(64, 48, 300, act, d=64, seed=6, device="cuda", meta=_rule_meta(prefetch=prefetch))
 
 
 @pytest.mark.gpu

@@ -24,6 +24,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ._launch import interpreting
 from .experts import _act
 from .router import SMALL_K_MAX, _f32_key
 
@@ -34,19 +35,26 @@ _CHUNK_ELEMENTS = 1 << 29
 RULE_ROWS = 16
 RULE_COLS = 64
 RULE_WARPS = 4
+RULE_PREFETCH = True
 
 
-def rule_pass_config(rows: int = RULE_ROWS, cols: int = RULE_COLS, warps: int = RULE_WARPS) -> dict:
-    """Constexprs + num_warps of `_dense_rule_kernel` (grid: T, cdiv(s, COLS))."""
-    return dict(ROWS=rows, COLS=cols, num_warps=warps)
+def rule_pass_config(rows: int = RULE_ROWS, cols: int = RULE_COLS, warps: int = RULE_WARPS,
+                     prefetch: bool = RULE_PREFETCH, fast: bool | None = None) -> dict:
+    """Constexprs + num_warps of `_dense_rule_kernel` (grid: T, cdiv(s, COLS)); `fast` defaults to
+    on except in the interpreter (inline PTX)."""
+    fast = not interpreting() if fast is None else fast
+    return dict(ROWS=rows, COLS=cols, FAST=bool(fast), PREFETCH=bool(prefetch), num_warps=warps)
 
 
 @triton.jit
 def _dense_rule_kernel(h_ptr, lp_ptr, theta_ptr, estar_ptr, s, stride_lp,
-                       ACT: tl.constexpr, ROWS: tl.constexpr, COLS: tl.constexpr):
+                       ACT: tl.constexpr, ROWS: tl.constexpr, COLS: tl.constexpr, FAST: tl.constexpr,
+                       PREFETCH: tl.constexpr):
     """In place over h [T, s*s] (= S on entry), column block c of token t, all grid rows:
     h[t, i*s + j] = act(S[t, i*s + j]) * exp(px[t, i]) * exp(py[t, j]) for the winners of token
-    t's rule, else 0. lp [T, >= 2s] fp32 rows: px then py."""
+    t's rule, else 0. lp [T, >= 2s] fp32 rows: px then py. FAST: _act's bare special-function ops
+    (GPU only). PREFETCH: the next row block's S is loaded before this one's math (two loads in
+    flight per thread)."""
     t = tl.program_id(0).to(tl.int64)
     j = tl.program_id(1) * COLS + tl.arange(0, COLS)
     jm = j < s
@@ -56,19 +64,27 @@ def _dense_rule_kernel(h_ptr, lp_ptr, theta_ptr, estar_ptr, s, stride_lp,
     theta = tl.load(theta_ptr + t)
     e_star = tl.load(estar_ptr + t)
     h_row = h_ptr + t * s * s
+    rows = tl.arange(0, ROWS)
+    if PREFETCH:
+        s_next = tl.load(h_row + (rows * s)[:, None] + j[None, :], mask=(rows < s)[:, None] & jm[None, :], other=0.0)
+    else:
+        s_next = tl.zeros([ROWS, COLS], dtype=h_ptr.dtype.element_ty)
     for i0 in range(0, s, ROWS):
-        i = i0 + tl.arange(0, ROWS)
+        i = i0 + rows
         im = i < s
-        px = tl.load(lp_row + i, mask=im, other=0.0)
-        score = px[:, None] + py[None, :]
-        key = _f32_key(score)
         e = (i * s)[:, None] + j[None, :]
-        win = (key > theta) | ((key == theta) & (e < e_star))
         both = im[:, None] & jm[None, :]
-        # Bounds-only mask: 16-byte vector loads (a per-winner mask gives 2-byte ones).
-        sv = tl.load(h_row + e, mask=both, other=0.0).to(tl.float32)
-        h = tl.where(win, _act(sv, ACT) * (tl.exp(px)[:, None] * ey[None, :]), 0.0)
-        tl.store(h_row + e, h.to(h_ptr.dtype.element_ty), mask=both)
+        # Bounds-only masks: 16-byte vector loads (a per-winner mask gives 2-byte ones).
+        if PREFETCH:
+            sv = s_next
+            s_next = tl.load(h_row + e + ROWS * s, mask=(i + ROWS < s)[:, None] & jm[None, :], other=0.0)
+        else:
+            sv = tl.load(h_row + e, mask=both, other=0.0)
+        px = tl.load(lp_row + i, mask=im, other=0.0)
+        key = _f32_key(px[:, None] + py[None, :])
+        win = (key > theta) | ((key == theta) & (e < e_star))
+        h = _act(sv.to(tl.float32), ACT, FAST) * (tl.exp(px)[:, None] * ey[None, :])
+        tl.store(h_row + e, tl.where(win, h, 0.0).to(h_ptr.dtype.element_ty), mask=both)
 
 
 def rule_applies(top_k: int, gate: str) -> bool:

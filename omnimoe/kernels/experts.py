@@ -44,8 +44,26 @@ EXPERT_CENTRIC_SCHEDULE = "hybrid"
 
 
 @triton.jit
-def _act(h, ACT: tl.constexpr):
+def _exp_ftz(v):
+    # One MUFU.EX2 without the range fix-ups ptxas adds around non-ftz ex2 (denormals flush to 0).
+    return tl.inline_asm_elementwise("ex2.approx.ftz.f32 $0, $1;", "=f,f", [v * 1.4426950408889634],
+                                     dtype=tl.float32, is_pure=True, pack=1)
+
+
+@triton.jit
+def _rcp_ftz(v):
+    # One MUFU.RCP (1 ulp) instead of div.full's fix-ups; 1 / inf = 0 as in the division.
+    return tl.inline_asm_elementwise("rcp.approx.ftz.f32 $0, $1;", "=f,f", [v], dtype=tl.float32, is_pure=True, pack=1)
+
+
+@triton.jit
+def _act(h, ACT: tl.constexpr, FAST: tl.constexpr = False):
+    """act(h) in fp32. FAST (GPU only, not the interpreter: inline PTX): silu and gelu_tanh with
+    two bare special-function ops per element instead of ~11 instructions; element-wise passes
+    over [T, N] are bound by them (dense_rule.py)."""
     if ACT == 0:  # silu
+        if FAST:
+            return h * _rcp_ftz(1.0 + _exp_ftz(-h))
         return h / (1.0 + tl.exp(-h))
     elif ACT == 1:  # gelu (erf)
         return 0.5 * h * (1.0 + tl.math.erf(h * 0.7071067811865476))
@@ -53,6 +71,8 @@ def _act(h, ACT: tl.constexpr):
         return tl.maximum(h, 0.0)
     else:  # gelu_tanh; tanh(u) = 1 - 2 / (1 + exp(2u)) saturates correctly at +-inf
         u = 0.7978845608028654 * (h + 0.044715 * h * h * h)
+        if FAST:
+            return 0.5 * h * (2.0 - 2.0 * _rcp_ftz(1.0 + _exp_ftz(2.0 * u)))
         return 0.5 * h * (2.0 - 2.0 / (1.0 + tl.exp(2.0 * u)))
 
 
