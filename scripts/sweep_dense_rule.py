@@ -23,7 +23,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--config", default="paper_k4096")
     ap.add_argument("--iters", type=int, default=20)
-    ap.add_argument("--tiles", default="32x64x4:pf;64x64x4:pf")
+    ap.add_argument("--tiles", default="16x64x4:;16x64x4:f;16x64x4:pf;32x64x4:pf;16x128x4:pf;8x64x2:pf;32x64x8:pf")
     args = ap.parse_args()
     if args.config not in CONFIGS:
         print(f"unknown config {args.config!r}; one of {', '.join(CONFIGS)}", file=sys.stderr)
@@ -74,41 +74,13 @@ def main() -> int:
 
             def rule_pass():
                 h.copy_(s_copy)  # the pass works in place
-                dense_rule._dense_rule_kernel[(t, -(-s // cols))](h, h, lp, theta, e_star, s, lp.stride(0), n, n, 0, s,
-                                                                   ACT=0, **meta)
+                dense_rule._dense_rule_kernel[(t, -(-s // cols))](h, lp, theta, e_star, s, lp.stride(0), ACT=0, **meta)
 
             dense_rule.dense_rule_launch(x, up, down, lp, theta, e_star, 0, y, meta)
             diff = float((y.float() - y_pairs.float()).norm() / y_pairs.float().norm())
             print(f"  rule pass {rows}x{cols} {warps} warps {flags or '-'}: {ms(rule_pass) - copy_ms:.3f} ms; experts from the rule "
                   f"(2 GEMMs, pass) {ms(lambda: dense_rule.dense_rule_launch(x, up, down, lp, theta, e_star, 0, y, meta)):.3f} ms"
                   f" (rel diff vs pairs {diff:.1e})", flush=True)
-        # S a few grid rows at a time (an L2-sized buffer) instead of the whole [T, N] in place.
-        for l2_rows in (0, 4, 8, 16, 32):
-            dense_rule.dense_rule_launch(x, up, down, lp, theta, e_star, 0, y, l2_rows=l2_rows)
-            diff = float((y.float() - y_pairs.float()).norm() / y_pairs.float().norm())
-            print(f"  experts from the rule, S by {l2_rows or s} grid rows: "
-                  f"{ms(lambda: dense_rule.dense_rule_launch(x, up, down, lp, theta, e_star, 0, y, l2_rows=l2_rows)):.3f} ms"
-                  f" (rel diff vs pairs {diff:.1e})", flush=True)
-        # Does the threshold router (latency-bound) overlap the first GEMM (compute-bound) when
-        # the two run on two streams of one CUDA graph?
-        side = torch.cuda.Stream()
-
-        def gemm_then_router():
-            torch.mm(x, up.t(), out=h)
-            kr.product_key_threshold_triton(px, py, k, theta_out=theta, estar_out=e_star)
-
-        def gemm_beside_router():
-            main = torch.cuda.current_stream()
-            side.wait_stream(main)
-            with torch.cuda.stream(side):
-                kr.product_key_threshold_triton(px, py, k, theta_out=theta, estar_out=e_star)
-            torch.mm(x, up.t(), out=h)
-            main.wait_stream(side)
-
-        for label, fn in (("one stream", gemm_then_router), ("two streams", gemm_beside_router)):
-            graph, _ = capture_graph(fn)
-            print(f"  first GEMM + threshold router, CUDA graph, {label}: {ms(graph.replay):.3f} ms", flush=True)
-            del graph
         applies = dense_rule.rule_applies
         for label, rule in (("rule", True), ("pairs", False)):
             dense_rule.rule_applies = applies if rule else (lambda *a: False)

@@ -32,7 +32,7 @@ from .router import SMALL_K_MAX, _f32_key
 _CHUNK_ELEMENTS = 1 << 29
 # Tile of the rule pass: RULE_ROWS grid rows x RULE_COLS columns per step (a program owns one
 # column block of one token and walks its rows), and its warps.
-RULE_ROWS = 32
+RULE_ROWS = 16
 RULE_COLS = 64
 RULE_WARPS = 4
 RULE_PREFETCH = True
@@ -47,14 +47,14 @@ def rule_pass_config(rows: int = RULE_ROWS, cols: int = RULE_COLS, warps: int = 
 
 
 @triton.jit
-def _dense_rule_kernel(s_ptr, h_ptr, lp_ptr, theta_ptr, estar_ptr, s, stride_lp, stride_s, stride_h, row0, nrows,
+def _dense_rule_kernel(h_ptr, lp_ptr, theta_ptr, estar_ptr, s, stride_lp,
                        ACT: tl.constexpr, ROWS: tl.constexpr, COLS: tl.constexpr, FAST: tl.constexpr,
                        PREFETCH: tl.constexpr):
-    """Grid rows row0 .. row0 + nrows of H for column block c of token t: h[t, i*s + j] =
-    act(S[t, (i - row0)*s + j]) * exp(px[t, i]) * exp(py[t, j]) for the winners of token t's rule,
-    else 0 (s_ptr == h_ptr with row0 = 0, nrows = s: in place over [T, s*s]). lp [T, >= 2s] fp32
-    rows: px then py. FAST: _act's bare special-function ops (GPU only). PREFETCH: the next row
-    block's S is loaded before this one's math (two loads in flight per thread)."""
+    """In place over h [T, s*s] (= S on entry), column block c of token t, all grid rows:
+    h[t, i*s + j] = act(S[t, i*s + j]) * exp(px[t, i]) * exp(py[t, j]) for the winners of token
+    t's rule, else 0. lp [T, >= 2s] fp32 rows: px then py. FAST: _act's bare special-function ops
+    (GPU only). PREFETCH: the next row block's S is loaded before this one's math (two loads in
+    flight per thread)."""
     t = tl.program_id(0).to(tl.int64)
     j = tl.program_id(1) * COLS + tl.arange(0, COLS)
     jm = j < s
@@ -63,26 +63,23 @@ def _dense_rule_kernel(s_ptr, h_ptr, lp_ptr, theta_ptr, estar_ptr, s, stride_lp,
     ey = tl.exp(py)  # once per column: the row loop below reuses it
     theta = tl.load(theta_ptr + t)
     e_star = tl.load(estar_ptr + t)
-    s_row = s_ptr + t * stride_s
-    h_row = h_ptr + t * stride_h
+    h_row = h_ptr + t * s * s
     rows = tl.arange(0, ROWS)
     if PREFETCH:
-        s_next = tl.load(s_row + (rows * s)[:, None] + j[None, :], mask=(rows < nrows)[:, None] & jm[None, :], other=0.0)
+        s_next = tl.load(h_row + (rows * s)[:, None] + j[None, :], mask=(rows < s)[:, None] & jm[None, :], other=0.0)
     else:
-        s_next = tl.zeros([ROWS, COLS], dtype=s_ptr.dtype.element_ty)
-    for r0 in range(0, nrows, ROWS):
-        r = r0 + rows
-        im = r < nrows
+        s_next = tl.zeros([ROWS, COLS], dtype=h_ptr.dtype.element_ty)
+    for i0 in range(0, s, ROWS):
+        i = i0 + rows
+        im = i < s
+        e = (i * s)[:, None] + j[None, :]
         both = im[:, None] & jm[None, :]
-        src = (r * s)[:, None] + j[None, :]
         # Bounds-only masks: 16-byte vector loads (a per-winner mask gives 2-byte ones).
         if PREFETCH:
             sv = s_next
-            s_next = tl.load(s_row + src + ROWS * s, mask=(r + ROWS < nrows)[:, None] & jm[None, :], other=0.0)
+            s_next = tl.load(h_row + e + ROWS * s, mask=(i + ROWS < s)[:, None] & jm[None, :], other=0.0)
         else:
-            sv = tl.load(s_row + src, mask=both, other=0.0)
-        i = row0 + r
-        e = (i * s)[:, None] + j[None, :]
+            sv = tl.load(h_row + e, mask=both, other=0.0)
         px = tl.load(lp_row + i, mask=im, other=0.0)
         key = _f32_key(px[:, None] + py[None, :])
         win = (key > theta) | ((key == theta) & (e < e_star))
@@ -96,33 +93,18 @@ def rule_applies(top_k: int, gate: str) -> bool:
     return gate == "product" and top_k > SMALL_K_MAX
 
 
-def dense_rule_launch(x, up, down, log_probs, theta, e_star, act: int, out, meta: dict | None = None,
-                      l2_rows: int = 0) -> None:
+def dense_rule_launch(x, up, down, log_probs, theta, e_star, act: int, out, meta: dict | None = None) -> None:
     """out [T, d] = H down, H from S = x up^T by `_dense_rule_kernel` (layer inference hot path,
     unchecked): x, up [s*s, d], down of one dtype, contiguous; log_probs [T, 2s] fp32 (px then py, unit
-    stride), theta / e_star [T] int32 from router.product_key_threshold_triton on them.
-    l2_rows > 0: S is computed l2_rows grid rows at a time into a small buffer (meant to stay in
-    L2) that the pass reads, instead of the whole [t, N] S rewritten in place."""
+    stride), theta / e_star [T] int32 from router.product_key_threshold_triton on them."""
     T = x.shape[0]
     N = up.shape[0]
     s = log_probs.shape[1] // 2
     rows = max(1, min(T, _CHUNK_ELEMENTS // N))
     meta = meta or rule_pass_config()
-    grid_cols = triton.cdiv(s, meta["COLS"])
-    lp_stride = log_probs.stride(0)
     for t0 in range(0, T, rows):
         t1 = min(T, t0 + rows)
-        lp, th, es = log_probs[t0:t1], theta[t0:t1], e_star[t0:t1]
-        if 0 < l2_rows < s:
-            h = torch.empty((t1 - t0, N), dtype=x.dtype, device=x.device)
-            s_buf = torch.empty((t1 - t0) * l2_rows * s, dtype=x.dtype, device=x.device)
-            for r0 in range(0, s, l2_rows):
-                nr = min(l2_rows, s - r0)
-                s_part = s_buf[: (t1 - t0) * nr * s].view(t1 - t0, nr * s)
-                torch.mm(x[t0:t1], up[r0 * s:(r0 + nr) * s].t(), out=s_part)
-                _dense_rule_kernel[(t1 - t0, grid_cols)](s_part, h, lp, th, es, s, lp_stride, nr * s, N, r0, nr,
-                                                         ACT=act, **meta)
-        else:
-            h = torch.mm(x[t0:t1], up.t())
-            _dense_rule_kernel[(t1 - t0, grid_cols)](h, h, lp, th, es, s, lp_stride, N, N, 0, s, ACT=act, **meta)
+        h = torch.mm(x[t0:t1], up.t())
+        _dense_rule_kernel[(t1 - t0, triton.cdiv(s, meta["COLS"]))](
+            h, log_probs[t0:t1], theta[t0:t1], e_star[t0:t1], s, log_probs.stride(0), ACT=act, **meta)
         torch.mm(h, down, out=out[t0:t1])
