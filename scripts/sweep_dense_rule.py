@@ -4,7 +4,7 @@ list (experts._dense_launch) at a SPEC §7 config: the routers alone, the rule p
 both schedules' routed experts (router excluded) and the whole layer's CUDA graph.
 
     python3 scripts/sweep_dense_rule.py [--config paper_k4096] [--iters 20]
-        [--tiles "16x64x4:pf;32x64x4:f"]   (rows x columns x warps of the rule pass; p: prefetch, f: fast act)
+        [--tiles "16x64x4:pf;32x64x4:f"]   (rows x columns x warps of the rule pass; p: prefetch, f: fast act, b: grid (column blocks, T))
 """
 from __future__ import annotations
 
@@ -23,7 +23,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--config", default="paper_k4096")
     ap.add_argument("--iters", type=int, default=20)
-    ap.add_argument("--tiles", default="16x64x4:;16x64x4:f;16x64x4:pf;32x64x4:pf;16x128x4:pf;8x64x2:pf;32x64x8:pf")
+    ap.add_argument("--tiles", default="32x64x4:pf;32x64x4:pfb;16x64x4:pfb;64x64x4:pfb;32x64x8:pfb;32x128x4:pfb;16x128x4:pfb")
     args = ap.parse_args()
     if args.config not in CONFIGS:
         print(f"unknown config {args.config!r}; one of {', '.join(CONFIGS)}", file=sys.stderr)
@@ -33,7 +33,7 @@ def main() -> int:
         for tile in args.tiles.split(";"):
             shape, _, flags = tile.partition(":")
             tiles.append((*(int(v) for v in shape.split("x")), flags))
-            assert len(tiles[-1]) == 4 and set(flags) <= set("pf")
+            assert len(tiles[-1]) == 4 and set(flags) <= set("pfb")
     except (ValueError, AssertionError):
         print(f"--tiles takes rows x columns x warps separated by ';', got {args.tiles!r}", file=sys.stderr)
         return 2
@@ -70,11 +70,12 @@ def main() -> int:
         copy_ms = ms(lambda: h.copy_(s_copy))
         print(f"  copy of S (subtracted below) {copy_ms:.3f} ms", flush=True)
         for rows, cols, warps, flags in tiles:
-            meta = dense_rule.rule_pass_config(rows, cols, warps, prefetch="p" in flags, fast="f" in flags)
+            meta = dense_rule.rule_pass_config(rows, cols, warps, prefetch="p" in flags, fast="f" in flags,
+                                               blocks_first="b" in flags)
 
             def rule_pass():
                 h.copy_(s_copy)  # the pass works in place
-                dense_rule._dense_rule_kernel[(t, -(-s // cols))](h, lp, theta, e_star, s, lp.stride(0), ACT=0, **meta)
+                dense_rule._dense_rule_kernel[dense_rule.rule_pass_grid(t, s, meta)](h, lp, theta, e_star, s, lp.stride(0), ACT=0, **meta)
 
             dense_rule.dense_rule_launch(x, up, down, lp, theta, e_star, 0, y, meta)
             diff = float((y.float() - y_pairs.float()).norm() / y_pairs.float().norm())

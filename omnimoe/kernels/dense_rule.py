@@ -36,27 +36,36 @@ RULE_ROWS = 16
 RULE_COLS = 64
 RULE_WARPS = 4
 RULE_PREFETCH = True
+RULE_BLOCKS_FIRST = True
 
 
 def rule_pass_config(rows: int = RULE_ROWS, cols: int = RULE_COLS, warps: int = RULE_WARPS,
-                     prefetch: bool = RULE_PREFETCH, fast: bool | None = None) -> dict:
-    """Constexprs + num_warps of `_dense_rule_kernel` (grid: T, cdiv(s, COLS)); `fast` defaults to
+                     prefetch: bool = RULE_PREFETCH, fast: bool | None = None,
+                     blocks_first: bool = RULE_BLOCKS_FIRST) -> dict:
+    """Constexprs + num_warps of `_dense_rule_kernel` (grid: rule_pass_grid); `fast` defaults to
     on except in the interpreter (inline PTX)."""
     fast = not interpreting() if fast is None else fast
-    return dict(ROWS=rows, COLS=cols, FAST=bool(fast), PREFETCH=bool(prefetch), num_warps=warps)
+    return dict(ROWS=rows, COLS=cols, FAST=bool(fast), PREFETCH=bool(prefetch), BLOCKS_FIRST=bool(blocks_first),
+                num_warps=warps)
+
+
+def rule_pass_grid(tokens: int, s: int, meta: dict) -> tuple[int, int]:
+    blocks = triton.cdiv(s, meta["COLS"])
+    return (blocks, tokens) if meta["BLOCKS_FIRST"] else (tokens, blocks)
 
 
 @triton.jit
 def _dense_rule_kernel(h_ptr, lp_ptr, theta_ptr, estar_ptr, s, stride_lp,
                        ACT: tl.constexpr, ROWS: tl.constexpr, COLS: tl.constexpr, FAST: tl.constexpr,
-                       PREFETCH: tl.constexpr):
+                       PREFETCH: tl.constexpr, BLOCKS_FIRST: tl.constexpr):
     """In place over h [T, s*s] (= S on entry), column block c of token t, all grid rows:
     h[t, i*s + j] = act(S[t, i*s + j]) * exp(px[t, i]) * exp(py[t, j]) for the winners of token
     t's rule, else 0. lp [T, >= 2s] fp32 rows: px then py. FAST: _act's bare special-function ops
     (GPU only). PREFETCH: the next row block's S is loaded before this one's math (two loads in
     flight per thread)."""
-    t = tl.program_id(0).to(tl.int64)
-    j = tl.program_id(1) * COLS + tl.arange(0, COLS)
+    # BLOCKS_FIRST: grid (column blocks, T), a token's programs run side by side (DRAM locality).
+    t = tl.program_id(1 if BLOCKS_FIRST else 0).to(tl.int64)
+    j = tl.program_id(0 if BLOCKS_FIRST else 1) * COLS + tl.arange(0, COLS)
     jm = j < s
     lp_row = lp_ptr + t * stride_lp
     py = tl.load(lp_row + s + j, mask=jm, other=0.0)
@@ -105,6 +114,6 @@ def dense_rule_launch(x, up, down, log_probs, theta, e_star, act: int, out, meta
     for t0 in range(0, T, rows):
         t1 = min(T, t0 + rows)
         h = torch.mm(x[t0:t1], up.t())
-        _dense_rule_kernel[(t1 - t0, triton.cdiv(s, meta["COLS"]))](
+        _dense_rule_kernel[rule_pass_grid(t1 - t0, s, meta)](
             h, log_probs[t0:t1], theta[t0:t1], e_star[t0:t1], s, log_probs.stride(0), ACT=act, **meta)
         torch.mm(h, down, out=out[t0:t1])
