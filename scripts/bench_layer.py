@@ -166,7 +166,9 @@ def worker(name: str, iters: int, first_call_only: bool = False) -> dict:
     layer, x = bench_layer(d, inter, n, k, t)
     # The schedule the layer's inference path runs (OmniMoELayer._forward_launch).
     if use_dense(t, k, n):
-        schedule = "dense"
+        from omnimoe.kernels.dense_rule import rule_applies
+
+        schedule = "dense_rule" if rule_applies(k, layer.config.gate) else "dense"
     elif use_expert_centric(t, k, n):
         schedule = "grid" if use_grid_row(t, k, n) else EXPERT_CENTRIC_SCHEDULE
     else:
