@@ -1,9 +1,11 @@
 #!/usr/bin/env python3
 """Phase split of the product-key router's large-K kernel (router.py) on a GPU: the whole kernel
-sorted and unsorted (sort=False, what the layer runs), then the same source cut after the two axis
-sorts and after the theta bisection (what a phase computed is kept alive by one store; the cut
-copies live in a temporary module, the kernel itself is not copied). T tokens of bf16-rounded
-router logits (as the layer's bf16 router GEMM gives them: exact ties are common) or fp32 ones.
+sorted and unsorted (sort=False, what the layer's pair-list schedules run), the threshold kernel
+(theta and e_star only: what the rule-driven dense schedule runs), then the threshold helper's
+source cut after the two axis sorts and after the theta bisection (what a phase computed is
+returned as theta, which the threshold kernel stores; the cut copies live in a temporary module,
+the kernel itself is not copied). T tokens of bf16-rounded router logits (as the layer's bf16
+router GEMM gives them: exact ties are common) or fp32 ones.
 
     python3 scripts/profile_router.py [--ks 512,2048,4096] [--tokens 4096] [--side 320] [--fp32-logits]
 """
@@ -21,17 +23,18 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "scripts"))
 from bench_common import event_times_ms  # noqa: E402
 
-# Phase -> (the source line it ends with, the store that keeps its result alive).
+# Phase -> (the source line of _topk_threshold it ends with, the return that keeps its result alive).
 CUTS = {
     "axis_sorts": ("_sort_axis(py_ptr + t * stride_py, s, yv_ptr, yi_ptr, KA, BLOCK_S)\n    tl.debug_barrier()",
-                   "    tl.store(out_i, tl.load(xi_ptr + 1))"),
+                   "    return tl.load(xi_ptr + 1), tl.load(yi_ptr + 1), 0, 0, 0, 0"),
     "through_bisection": ("        c_hi = tl.where(ok, c_hi, cm)",
-                          "    tl.store(out_i, (lo + tl.sum(c_lo, axis=0)).to(tl.int32))"),
+                          "    return (lo + tl.sum(c_lo, axis=0)).to(tl.int32), lo.to(tl.int32), 0, 0, 0, 0"),
 }
 
 
 def _cut_kernel(router_src: str, phase: str, tmp: Path):
-    start = router_src.index("\ndef _product_key_topk_kernel(") + 1
+    """The threshold kernel of a copy of router.py whose _topk_threshold returns after `phase`."""
+    start = router_src.index("\ndef _topk_threshold(") + 1
     end = router_src.index("\n@triton.jit", start)
     line, keep = CUTS[phase]
     body = router_src[start:end]
@@ -43,7 +46,7 @@ def _cut_kernel(router_src: str, phase: str, tmp: Path):
     spec = importlib.util.spec_from_file_location(path.stem, path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    return module._product_key_topk_kernel
+    return module._product_key_threshold_kernel
 
 
 def main() -> int:
@@ -76,14 +79,16 @@ def main() -> int:
             for sort in (True, False):
                 row["sorted" if sort else "unsorted"] = statistics.median(event_times_ms(
                     lambda: kr.product_key_topk_triton(px, py, K, "product", sort=sort), args.iters, 3))
-            _, meta = kr.topk_kernel_config(s, K, "product", False)
+            row["threshold"] = statistics.median(event_times_ms(
+                lambda: kr.product_key_threshold_triton(px, py, K), args.iters, 3))
+            meta = kr.threshold_kernel_config(s, K)
             ka = min(K, s)
             ws = torch.empty(T * kr._WS_ROWS * ka, dtype=torch.int32, device="cuda")
-            g = torch.empty(T, K, device="cuda")
-            i = torch.empty(T, K, dtype=torch.int32, device="cuda")
+            theta = torch.empty(T, dtype=torch.int32, device="cuda")
+            e_star = torch.empty(T, dtype=torch.int32, device="cuda")
             for phase, kernel in cuts.items():
                 row[phase] = statistics.median(event_times_ms(
-                    lambda: kernel[(T,)](px, py, g, i, ws.view(torch.float32), ws, s, K, ka, s, s, **meta),
+                    lambda: kernel[(T,)](px, py, theta, e_star, ws.view(torch.float32), ws, s, K, ka, s, s, **meta),
                     args.iters, 3))
             print(f"K={K}: " + "  ".join(f"{k} {v:.3f} ms" for k, v in row.items()), flush=True)
     return 0
