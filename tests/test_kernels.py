@@ -178,23 +178,6 @@ def _router_logits_case(T, s, K, gate, norm=True, prealloc=False, dtype=torch.fl
     assert_topk_matches(px.cpu(), py.cpu(), K, gate, g.cpu(), i.cpu(), gr.cpu(), ir.cpu(), tie_tol=1e-5)
 
 
-def _router_log_probs_case(T, s, norm, dtype=torch.float32, seed=0, device="cpu"):
-    """The large-K router's prologue kernel (batch-norm affine + both log-softmaxes) against torch."""
-    from omnimoe.kernels import router
-
-    gen = torch.Generator().manual_seed(seed)
-    logits = (torch.randn(T, 2 * s, generator=gen) * 3).to(dtype).to(device)
-    scale = shift = None
-    if norm:
-        scale = (torch.rand(2 * s, generator=gen) + 0.5).to(device)
-        shift = torch.randn(2 * s, generator=gen).to(device)
-    out = torch.full((T, 2 * s), float("nan"), device=device)
-    router.router_log_probs_launch(logits, scale, shift, s, out)
-    ref = logits.float() if scale is None else torch.addcmul(shift, logits.float(), scale)
-    ref = torch.log_softmax(ref.view(T, 2, s), dim=-1).view(T, 2 * s)
-    assert torch.allclose(out, ref, atol=1e-5, rtol=1e-5), (out - ref).abs().max()
-
-
 def _router_logits_bad_inputs_case():
     from omnimoe.kernels.router import router_logits_topk_triton
 
@@ -458,8 +441,6 @@ INTERP_CASES = {
     "layer_dense_fast_path": _layer_dense_case,
     **{f"experts_dense_{act}": (lambda a=act: _dense_case(7, 24, 36, 5, a, seed=20)) for act in ACTS},
     "layer_dense_rule_fast_path": _layer_dense_rule_case,
-    "router_log_probs_norm": lambda: _router_log_probs_case(5, 20, True, seed=50),
-    "router_log_probs_plain_bf16": lambda: _router_log_probs_case(4, 33, False, dtype=torch.bfloat16, seed=51),
     **{f"dense_rule_{act}": (lambda a=act: _dense_rule_case(9, 12, 70, a, seed=43)) for act in ACTS},
     "dense_rule_chunked_k_eq_n": lambda: _dense_rule_case(7, 16, 256, "silu", chunk_rows=3, seed=44),
     "dense_rule_ties": lambda: _dense_rule_case(6, 9, 70, "silu", ties=True, seed=46),
@@ -892,9 +873,8 @@ def test_many_tokens_launch_configs(monkeypatch):
 
 
 def test_dense_rule_kernels_compile_for_sm90():
-    # The rule pass (16-byte vector loads and stores of S / H at s = 320), the threshold router at
-    # the paper's K = 4096 and the router prologue, through triton's code generator (the
-    # interpreter misses its errors).
+    # The rule pass (16-byte vector loads and stores of S / H at s = 320) and the threshold router
+    # at the paper's K = 4096, through triton's code generator (the interpreter misses its errors).
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -916,13 +896,6 @@ def test_dense_rule_kernels_compile_for_sm90():
            "wsi_ptr": "*i32", **{k: "i32" for k in ("s", "K", "KA", "stride_px", "stride_py")},
            **{k: "constexpr" for k in meta}}
     src = ASTSource(fn=router._product_key_threshold_kernel, signature=sig, constexprs=meta)
-    assert triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=warps)).asm["cubin"]
-    # And the large-K router's prologue (batch-norm affine + log-softmaxes) the layer runs before it.
-    meta = router.router_log_probs_config(320, True)
-    warps = meta.pop("num_warps")
-    sig = {"logits_ptr": "*bf16", "scale_ptr": "*fp32", "shift_ptr": "*fp32", "out_ptr": "*fp32",
-           **{k: "i32" for k in ("s", "stride_l", "stride_o")}, **{k: "constexpr" for k in meta}}
-    src = ASTSource(fn=router._router_log_probs_kernel, signature=sig, constexprs=meta)
     assert triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=warps)).asm["cubin"]
 
 

@@ -414,37 +414,6 @@ def _router_logits_topk_small_kernel(
     _small_topk_store(vx, vy, gates_ptr, idx_ptr, t, s, K, KA, SOFTMAX, BLOCK_S, BLOCK_A, BLOCK_K)
 
 
-@triton.jit
-def _router_log_probs_kernel(logits_ptr, scale_ptr, shift_ptr, out_ptr, s, stride_l, stride_o,
-                             HAS_NORM: tl.constexpr, BLOCK_S: tl.constexpr):
-    """Router prologue for K > SMALL_K_MAX in one launch: logits [T, 2s] (x axis, then y; any float
-    dtype) -> optional eval batch-norm l * scale + shift (fp32) -> per-axis log-softmax -> out
-    [T, 2s] fp32 (px then py), as the small-K kernel computes them before its top-K."""
-    t = tl.program_id(0).to(tl.int64)
-    offs = tl.arange(0, BLOCK_S)
-    m = offs < s
-    for axis in tl.static_range(2):
-        lv = tl.load(logits_ptr + t * stride_l + axis * s + offs, mask=m, other=0.0).to(tl.float32)
-        if HAS_NORM:
-            lv = lv * tl.load(scale_ptr + axis * s + offs, mask=m, other=1.0) + tl.load(shift_ptr + axis * s + offs, mask=m, other=0.0)
-        tl.store(out_ptr + t * stride_o + axis * s + offs, _log_softmax_lanes(lv, m), mask=m)
-
-
-def router_log_probs_config(grid_side: int, has_norm: bool) -> dict:
-    """Constexprs + num_warps of `_router_log_probs_kernel` (grid: T)."""
-    block_s = max(16, next_pow2(int(grid_side)))
-    return dict(HAS_NORM=bool(has_norm), BLOCK_S=block_s, num_warps=max(1, min(4, block_s // 256)))
-
-
-def router_log_probs_launch(logits, scale, shift, s: int, out) -> None:
-    """Unchecked launch of `_router_log_probs_kernel` (layer inference hot path): logits [T, 2s] with
-    unit stride along 2s, scale / shift float32 [2s] or both None, out [T, 2s] float32."""
-    meta = router_log_probs_config(s, scale is not None)
-    if scale is None:
-        scale = shift = logits  # never read (HAS_NORM=False)
-    _router_log_probs_kernel[(logits.shape[0],)](logits, scale, shift, out, s, logits.stride(0), out.stride(0), **meta)
-
-
 def _large_num_warps(s: int) -> int:
     # H200, T=4096, s=320: 4 warps beat 8 at every K measured, sorted or not (K=512: 0.48 -> 0.28 ms
     # sorted, 0.34 -> 0.22 unsorted; K=1024: 0.61 -> 0.46, 0.35 -> 0.25; K=2048: 1.24 -> 0.90,
