@@ -2,7 +2,8 @@
 """A/B of the grid-line schedule (grid_row.py) at SPEC §7 paper shapes on a GPU: the whole schedule
 and its sort phase alone (sort_only), each replayed as a CUDA graph, for variants of the module:
 
-  base[:KEY=V,...]   grid_row as committed, with GR_KEY constants changed (e.g. base:GATE_BLOCK=256)
+  base[:KEY=V,...]   grid_row as committed, with GR_KEY constants changed (e.g. base:GATE_BLOCK=256;
+                     base:REG_PANEL=1 runs the panel kernel with the whole panel in registers)
   store_y            plain stores into y instead of fp32 atomics      } timing only: these cut or
   no_gzero           the gate tile is not zeroed per block             } replace one piece of the
   no_gbuild          no zeroing and no scatter of the gate tile        } panel kernel's work, so

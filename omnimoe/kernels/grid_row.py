@@ -51,6 +51,15 @@ GR_WARPS = 8
 GR_STAGES = 4
 # Slots per block for fp32 inputs.
 GR_FP32_BM = 64
+# 16-bit panels in registers (_gr_panel_in_registers): off until measured on the H200. The A/B:
+# scripts/ab_grid_panel.py --variants "base;base:REG_PANEL=1". Its tiles: BM slots (the whole
+# panel's S is BM x NCH*BC fp32 in registers), d steps, warps and pipeline stages.
+GR_REG_PANEL = 0
+GR_REG_BM = 64
+GR_REG_BD = 32
+GR_REG_BD2 = 64
+GR_REG_WARPS = 8
+GR_REG_STAGES = 2
 # Persistent programs (each owns one G and one H scratch tile of BM x NCH*BC fp32): 3 per H200 SM
 # (measured at K = 512 / 1024 / 2048, T = 4096: 0.03-0.08 ms faster than 2 per SM).
 GR_PROGRAMS = 396
@@ -299,12 +308,68 @@ def _gr_h(acc, g_base, c, mm, GW: tl.constexpr, BC: tl.constexpr, ACT: tl.conste
 
 
 @triton.jit
+def _gr_up_step(xt, up_ptr, ebase, estride, width, c, d0, D, dd, dm, acc, BC: tl.constexpr, IEEE: tl.constexpr):
+    return _gr_dot(xt, tl.trans(_gr_table_tile(up_ptr, ebase, estride, width, c, d0, D, dd, dm, BC)), acc, IEEE)
+
+
+@triton.jit
+def _gr_down_step(h, down_ptr, ebase, estride, width, c, d0, D, dd2, dm, o, BC: tl.constexpr, IEEE: tl.constexpr):
+    return _gr_dot(h, _gr_table_tile(down_ptr, ebase, estride, width, c, d0, D, dd2, dm, BC), o, IEEE)
+
+
+@triton.jit
+def _gr_panel_in_registers(x_ptr, up_ptr, down_ptr, y_ptr, g_base, xrow, rm, mm, dd, dd2, ebase, estride, width, D,
+                           ACT: tl.constexpr, BM: tl.constexpr, BC: tl.constexpr, NCH: tl.constexpr,
+                           BD: tl.constexpr, BD2: tl.constexpr, GW: tl.constexpr, HT: tl.constexpr,
+                           IEEE: tl.constexpr):
+    """Both products of one work item with the whole panel's S and H in registers (REG; NCH <= 5,
+    one accumulator per BC-chunk): d outermost, so each X tile is loaded once for all chunks
+    instead of once per chunk, and H never goes through the scratch tile."""
+    acc0 = tl.zeros([BM, BC], dtype=tl.float32)
+    acc1 = tl.zeros([BM, BC], dtype=tl.float32)
+    acc2 = tl.zeros([BM, BC], dtype=tl.float32)
+    acc3 = tl.zeros([BM, BC], dtype=tl.float32)
+    acc4 = tl.zeros([BM, BC], dtype=tl.float32)
+    for d0 in range(0, D, BD):
+        dm = (d0 + dd) < D
+        xt = tl.load(x_ptr + xrow[:, None] + d0 + dd[None, :], mask=rm[:, None] & dm[None, :], other=0.0)
+        acc0 = _gr_up_step(xt, up_ptr, ebase, estride, width, 0, d0, D, dd, dm, acc0, BC, IEEE)
+        if NCH > 1:
+            acc1 = _gr_up_step(xt, up_ptr, ebase, estride, width, 1, d0, D, dd, dm, acc1, BC, IEEE)
+        if NCH > 2:
+            acc2 = _gr_up_step(xt, up_ptr, ebase, estride, width, 2, d0, D, dd, dm, acc2, BC, IEEE)
+        if NCH > 3:
+            acc3 = _gr_up_step(xt, up_ptr, ebase, estride, width, 3, d0, D, dd, dm, acc3, BC, IEEE)
+        if NCH > 4:
+            acc4 = _gr_up_step(xt, up_ptr, ebase, estride, width, 4, d0, D, dd, dm, acc4, BC, IEEE)
+    h0 = _gr_h(acc0, g_base, 0, mm, GW, BC, ACT, HT)
+    h1 = _gr_h(acc1, g_base, 1, mm, GW, BC, ACT, HT) if NCH > 1 else h0
+    h2 = _gr_h(acc2, g_base, 2, mm, GW, BC, ACT, HT) if NCH > 2 else h0
+    h3 = _gr_h(acc3, g_base, 3, mm, GW, BC, ACT, HT) if NCH > 3 else h0
+    h4 = _gr_h(acc4, g_base, 4, mm, GW, BC, ACT, HT) if NCH > 4 else h0
+    for d0 in range(0, D, BD2):
+        dm = (d0 + dd2) < D
+        o = _gr_down_step(h0, down_ptr, ebase, estride, width, 0, d0, D, dd2, dm, tl.zeros([BM, BD2], dtype=tl.float32),
+                          BC, IEEE)
+        if NCH > 1:
+            o = _gr_down_step(h1, down_ptr, ebase, estride, width, 1, d0, D, dd2, dm, o, BC, IEEE)
+        if NCH > 2:
+            o = _gr_down_step(h2, down_ptr, ebase, estride, width, 2, d0, D, dd2, dm, o, BC, IEEE)
+        if NCH > 3:
+            o = _gr_down_step(h3, down_ptr, ebase, estride, width, 3, d0, D, dd2, dm, o, BC, IEEE)
+        if NCH > 4:
+            o = _gr_down_step(h4, down_ptr, ebase, estride, width, 4, d0, D, dd2, dm, o, BC, IEEE)
+        tl.atomic_add(y_ptr + xrow[:, None] + d0 + dd2[None, :], o, mask=rm[:, None] & dm[None, :], sem="relaxed")
+
+
+@triton.jit
 def _gr_panel_kernel(
     x_ptr, up_ptr, down_ptr, scol_ptr, sgate_ptr, sslot_ptr, slot_tok_ptr, slot_pair_ptr,
     offsets_ptr, slotoff_ptr, bsums_ptr, bslots_ptr, blkoff_ptr, gscr_ptr, hscr_ptr, y_ptr,
     D, S, P, PWR, NP, NKEY, T, NSTEPS,
     ACT: tl.constexpr, BM: tl.constexpr, BC: tl.constexpr, NCH: tl.constexpr, BD: tl.constexpr,
     BD2: tl.constexpr, GBLK: tl.constexpr, SCAN_BLOCK: tl.constexpr, IEEE: tl.constexpr,
+    REG: tl.constexpr = False,
 ):
     GW: tl.constexpr = NCH * BC
     pid = tl.program_id(0)
@@ -359,24 +424,28 @@ def _gr_panel_kernel(
         estride = tl.where(is_col, S, 1)
         width = tl.minimum(PWR, S - pq * PWR)
         xrow = tok * D
-        # One BC-chunk of S at a time (plain GEMM loops, X re-read per chunk); H = act(S) o G
-        # goes to this program's H tile, which the second product reads back chunk by chunk.
-        for c in range(0, NCH):
-            acc = tl.zeros([BM, BC], dtype=tl.float32)
-            for d0 in range(0, D, BD):
-                dm = (d0 + dd) < D
-                xt = tl.load(x_ptr + xrow[:, None] + d0 + dd[None, :], mask=rm[:, None] & dm[None, :], other=0.0)
-                ut = _gr_table_tile(up_ptr, ebase, estride, width, c, d0, D, dd, dm, BC)
-                acc = _gr_dot(xt, tl.trans(ut), acc, IEEE)
-            tl.store(h_base + mm[:, None] * GW + c * BC + bc[None, :], _gr_h(acc, g_base, c, mm, GW, BC, ACT, HT))
-        tl.debug_barrier()
-        for d0 in range(0, D, BD2):
-            dm = (d0 + dd2) < D
-            o = tl.zeros([BM, BD2], dtype=tl.float32)
+        if REG:
+            _gr_panel_in_registers(x_ptr, up_ptr, down_ptr, y_ptr, g_base, xrow, rm, mm, dd, dd2, ebase, estride,
+                                   width, D, ACT, BM, BC, NCH, BD, BD2, GW, HT, IEEE)
+        else:
+            # One BC-chunk of S at a time (plain GEMM loops, X re-read per chunk); H = act(S) o G
+            # goes to this program's H tile, which the second product reads back chunk by chunk.
             for c in range(0, NCH):
-                h = tl.load(h_base + mm[:, None] * GW + c * BC + bc[None, :])
-                o = _gr_dot(h, _gr_table_tile(down_ptr, ebase, estride, width, c, d0, D, dd2, dm, BC), o, IEEE)
-            tl.atomic_add(y_ptr + xrow[:, None] + d0 + dd2[None, :], o, mask=rm[:, None] & dm[None, :], sem="relaxed")
+                acc = tl.zeros([BM, BC], dtype=tl.float32)
+                for d0 in range(0, D, BD):
+                    dm = (d0 + dd) < D
+                    xt = tl.load(x_ptr + xrow[:, None] + d0 + dd[None, :], mask=rm[:, None] & dm[None, :], other=0.0)
+                    ut = _gr_table_tile(up_ptr, ebase, estride, width, c, d0, D, dd, dm, BC)
+                    acc = _gr_dot(xt, tl.trans(ut), acc, IEEE)
+                tl.store(h_base + mm[:, None] * GW + c * BC + bc[None, :], _gr_h(acc, g_base, c, mm, GW, BC, ACT, HT))
+            tl.debug_barrier()
+            for d0 in range(0, D, BD2):
+                dm = (d0 + dd2) < D
+                o = tl.zeros([BM, BD2], dtype=tl.float32)
+                for c in range(0, NCH):
+                    h = tl.load(h_base + mm[:, None] * GW + c * BC + bc[None, :])
+                    o = _gr_dot(h, _gr_table_tile(down_ptr, ebase, estride, width, c, d0, D, dd2, dm, BC), o, IEEE)
+                tl.atomic_add(y_ptr + xrow[:, None] + d0 + dd2[None, :], o, mask=rm[:, None] & dm[None, :], sem="relaxed")
 
 
 @triton.jit
@@ -393,9 +462,13 @@ def panel_config(N: int, fp32: bool, act: int) -> dict:
     _, _, _, nch = panel_geometry(N)
     if fp32:
         return dict(ACT=act, BM=GR_FP32_BM, BC=GR_BC, NCH=nch, BD=32, BD2=64, GBLK=GR_GATE_BLOCK,
-                    SCAN_BLOCK=GR_SCAN_BLOCK, IEEE=True, num_warps=8, num_stages=1)
+                    SCAN_BLOCK=GR_SCAN_BLOCK, IEEE=True, REG=False, num_warps=8, num_stages=1)
+    if GR_REG_PANEL and nch <= 5:
+        return dict(ACT=act, BM=GR_REG_BM, BC=GR_BC, NCH=nch, BD=GR_REG_BD, BD2=GR_REG_BD2, GBLK=GR_GATE_BLOCK,
+                    SCAN_BLOCK=GR_SCAN_BLOCK, IEEE=False, REG=True, num_warps=GR_REG_WARPS,
+                    num_stages=GR_REG_STAGES)
     return dict(ACT=act, BM=GR_BM, BC=GR_BC, NCH=nch, BD=GR_BD, BD2=GR_BD2, GBLK=GR_GATE_BLOCK,
-                SCAN_BLOCK=GR_SCAN_BLOCK, IEEE=False, num_warps=GR_WARPS,
+                SCAN_BLOCK=GR_SCAN_BLOCK, IEEE=False, REG=False, num_warps=GR_WARPS,
                 num_stages=GR_STAGES)
 
 
@@ -437,8 +510,8 @@ def cast_config() -> dict:
 
 
 def _tile_rows() -> int:
-    """Rows of the per-program G / H scratch tiles (the larger BM of the two configs)."""
-    return max(GR_BM, GR_FP32_BM)
+    """Rows of the per-program G / H scratch tiles (the largest BM of the configs)."""
+    return max(GR_BM, GR_FP32_BM, GR_REG_BM)
 
 
 def launch(x, up, down, gates, indices, out, workspace, act: int, *, sort_only: bool = False) -> None:
