@@ -135,12 +135,22 @@ def threshold_winners(px, py, theta, e_star):
     return (key > th) | ((key == th) & (e[None, :] < es))
 
 
-def _threshold_case(T, s, K, ties=False, seed=0, prealloc=False):
+def _dominant_row_log_probs(T, s, K, gen):
+    """Log-probs whose top-K all lie in one grid row, with the K-th and (K+1)-th columns tied
+    exactly: the (K+1)-th lies outside the ranks the router searches, yet ties theta."""
+    px = torch.full((T, s), -30.0)
+    px[:, 7] = -0.01
+    py = -torch.arange(s, dtype=torch.float32).repeat(T, 1) * 0.01
+    py[:, K - 1] = py[:, K] = -0.01 * (K - 0.5)
+    return px, py[:, torch.randperm(s, generator=gen)]
+
+
+def _threshold_case(T, s, K, ties=False, seed=0, prealloc=False, dominant_row=False):
     """The threshold router's rule admits exactly the reference's top-K set, ties included."""
     from omnimoe.kernels import router
 
     gen = torch.Generator().manual_seed(seed)
-    px, py = _rand_log_probs(T, s, gen, ties)
+    px, py = _dominant_row_log_probs(T, s, K, gen) if dominant_row else _rand_log_probs(T, s, gen, ties)
     kw = {}
     if prealloc:
         kw = dict(theta_out=torch.empty(T, dtype=torch.int32), estar_out=torch.empty(T, dtype=torch.int32),
@@ -403,6 +413,7 @@ _THRESHOLD_CASES = {
     "threshold_ties_prealloc": lambda: _threshold_case(6, 16, 100, ties=True, seed=42, prealloc=True),
     "threshold_ties_beyond_one_chunk": lambda: _threshold_case(2, 50, 1000, ties=True, seed=37),
     "threshold_t0": lambda: _threshold_case(0, 12, 70),
+    "threshold_tie_outside_searched_ranks": lambda: _threshold_case(2, 100, 70, seed=43, dominant_row=True),
 }
 
 INTERP_CASES = {

@@ -153,12 +153,17 @@ def _gates_of(score, km, SOFTMAX: tl.constexpr):
 @triton.jit
 def _topk_threshold(t, px_ptr, py_ptr, wsf_ptr, wsi_ptr, s, K, KA, stride_px, stride_py,
                     BLOCK_S: tl.constexpr, BLOCK_L: tl.constexpr, CHUNK: tl.constexpr, STEPS_A: tl.constexpr,
-                    STEPS_L: tl.constexpr, STEPS_N: tl.constexpr):
+                    STEPS_L: tl.constexpr, STEPS_N: tl.constexpr, RULE: tl.constexpr):
     """Steps 1-3 of the module docstring for token t: the K-th largest score's int32 key theta and
-    e_star, such that token t's top-K are the candidates with key > theta plus those with
-    key == theta and expert < e_star (s*s when every candidate >= theta is a winner). Leaves the
-    sorted axes and the lanes' emit / tie / strict prefixes in the token's workspace slice.
-    Returns (theta, e_star, n_emit, n_gt, R, NL)."""
+    e_star, such that token t's top-K are the searched candidates with key > theta plus those
+    with key == theta and expert < e_star. Leaves the sorted axes and the lanes' emit / tie /
+    strict prefixes in the token's workspace slice. Returns (theta, e_star, n_emit, n_gt, R, NL).
+
+    RULE (the rule is applied to every expert, not only to the searched ranks): e_star is also
+    exact when every searched tie is a winner, one above the largest of their ids, instead of
+    s*s. A tie outside the searched ranks has at least K items ahead of it (its rank rectangle;
+    equal values sort by index, so equal scores there have smaller ids), so its id is above every
+    winning tie's: e.g. one dominant grid row whose K-th and (K+1)-th columns tie exactly."""
     base = t * (10 * KA)
     xv_ptr = wsf_ptr + base  # xv then yv: the lanes' items are read as one array
     yv_ptr = xv_ptr + KA
@@ -216,6 +221,15 @@ def _topk_threshold(t, px_ptr, py_ptr, wsf_ptr, wsi_ptr, s, K, KA, stride_px, st
     tl.debug_barrier()
 
     e_star = tl.zeros_like(n_gt) + s * s
+    if RULE:
+        if total_ge == K:  # no overflow: every searched tie is a winner
+            n_tie = total_ge - n_gt
+            ch = tl.arange(0, CHUNK)
+            e_max = tl.zeros_like(n_tie) - 1
+            for j0 in range(0, n_tie, CHUNK):
+                e, _score, jm = _tie_chunk(j0, n_tie, ch, xv_ptr, yv_ptr, xi_ptr, yi_ptr, q_ptr, g_ptr, s, R, NL, STEPS_L)
+                e_max = tl.maximum(e_max, tl.max(tl.where(jm, e, -1), axis=0))
+            e_star = e_max + 1
     if overflow:
         # Ties at theta exceed the K - n_gt free slots: admit the smallest expert ids. Bisection
         # for e_star = min{E : #{ties with expert < E} >= need}; exactly `need` are below it.
@@ -252,7 +266,7 @@ def _product_key_topk_kernel(
     t = tl.program_id(0).to(tl.int64)
     theta, e_star, n_emit, n_gt, R, NL = _topk_threshold(
         t, px_ptr, py_ptr, wsf_ptr, wsi_ptr, s, K, KA, stride_px, stride_py,
-        BLOCK_S, BLOCK_L, CHUNK, STEPS_A, STEPS_L, STEPS_N)
+        BLOCK_S, BLOCK_L, CHUNK, STEPS_A, STEPS_L, STEPS_N, False)
     base = t * (10 * KA)
     xv_ptr = wsf_ptr + base
     yv_ptr = xv_ptr + KA
@@ -311,7 +325,7 @@ def _product_key_threshold_kernel(
     t = tl.program_id(0).to(tl.int64)
     theta, e_star, _n_emit, _n_gt, _R, _NL = _topk_threshold(
         t, px_ptr, py_ptr, wsf_ptr, wsi_ptr, s, K, KA, stride_px, stride_py,
-        BLOCK_S, BLOCK_L, CHUNK, STEPS_A, STEPS_L, STEPS_N)
+        BLOCK_S, BLOCK_L, CHUNK, STEPS_A, STEPS_L, STEPS_N, True)
     tl.store(theta_ptr + t, theta)
     tl.store(estar_ptr + t, e_star)
 
@@ -501,10 +515,8 @@ def product_key_threshold_triton(
     e = i*s + j with score v = px[i] + py[j] is a winner iff key(v) > theta, or key(v) == theta
     and e < e_star. top_k in (SMALL_K_MAX, min(4096, s*s)].
 
-    The set equals product_key_topk_triton's except in one corner: a candidate that ties the K-th
-    score exactly, lies outside the ranks (a+1)(b+1) <= K the router searches, and has a smaller
-    expert id than an admitted tie (then the rule admits it too). That needs more than K pairs
-    with scores >= theta in one rank rectangle, i.e. whole rows of identical log-probs.
+    Applied to every expert, the rule admits product_key_topk_triton's set, ties just outside the
+    ranks it searches included (`_topk_threshold`'s RULE).
     With outputs and workspace given: no allocation, no host sync."""
     T, s = ops.check_topk_inputs(log_probs_x, log_probs_y, top_k, "product")
     check_device(log_probs_x, log_probs_y)
