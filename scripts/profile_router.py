@@ -8,6 +8,7 @@ the kernel itself is not copied). T tokens of bf16-rounded router logits (as the
 router GEMM gives them: exact ties are common) or fp32 ones.
 
     python3 scripts/profile_router.py [--ks 512,2048,4096] [--tokens 4096] [--side 320] [--fp32-logits]
+        [--warps 2,4]   (also time every kernel with these warp counts instead of router._large_num_warps)
 """
 from __future__ import annotations
 
@@ -56,11 +57,17 @@ def main() -> int:
     ap.add_argument("--side", type=int, default=320)
     ap.add_argument("--fp32-logits", action="store_true")
     ap.add_argument("--iters", type=int, default=20)
+    ap.add_argument("--warps", default="")
     args = ap.parse_args()
     import torch
 
     from omnimoe.kernels import router as kr
 
+    try:
+        warp_counts = [None] + [int(w) for w in args.warps.split(",") if w]
+    except ValueError:
+        print(f"--warps takes warp counts separated by commas, got {args.warps!r}", file=sys.stderr)
+        return 2
     ks = [int(k) for k in args.ks.split(",")]
     if any(k <= kr.SMALL_K_MAX or k > min(4096, args.side**2) for k in ks):
         print(f"--ks must lie in ({kr.SMALL_K_MAX}, min(4096, side^2)]", file=sys.stderr)
@@ -74,23 +81,30 @@ def main() -> int:
     router_src = Path(kr.__file__).read_text()
     with tempfile.TemporaryDirectory() as tmp:
         cuts = {phase: _cut_kernel(router_src, phase, Path(tmp)) for phase in CUTS}
-        for K in ks:
-            row = {}
-            for sort in (True, False):
-                row["sorted" if sort else "unsorted"] = statistics.median(event_times_ms(
-                    lambda: kr.product_key_topk_triton(px, py, K, "product", sort=sort), args.iters, 3))
-            row["threshold"] = statistics.median(event_times_ms(
-                lambda: kr.product_key_threshold_triton(px, py, K), args.iters, 3))
-            meta = kr.threshold_kernel_config(s, K)
-            ka = min(K, s)
-            ws = torch.empty(T * kr._WS_ROWS * ka, dtype=torch.int32, device="cuda")
-            theta = torch.empty(T, dtype=torch.int32, device="cuda")
-            e_star = torch.empty(T, dtype=torch.int32, device="cuda")
-            for phase, kernel in cuts.items():
-                row[phase] = statistics.median(event_times_ms(
-                    lambda: kernel[(T,)](px, py, theta, e_star, ws.view(torch.float32), ws, s, K, ka, s, s, **meta),
-                    args.iters, 3))
-            print(f"K={K}: " + "  ".join(f"{k} {v:.3f} ms" for k, v in row.items()), flush=True)
+        for K, warps in ((k, w) for k in ks for w in warp_counts):
+            default = kr._large_num_warps
+            if warps:
+                kr._large_num_warps = lambda s, w=warps: w
+            try:
+                row = {}
+                for sort in (True, False):
+                    row["sorted" if sort else "unsorted"] = statistics.median(event_times_ms(
+                        lambda: kr.product_key_topk_triton(px, py, K, "product", sort=sort), args.iters, 3))
+                row["threshold"] = statistics.median(event_times_ms(
+                    lambda: kr.product_key_threshold_triton(px, py, K), args.iters, 3))
+                meta = kr.threshold_kernel_config(s, K)
+                ka = min(K, s)
+                ws = torch.empty(T * kr._WS_ROWS * ka, dtype=torch.int32, device="cuda")
+                theta = torch.empty(T, dtype=torch.int32, device="cuda")
+                e_star = torch.empty(T, dtype=torch.int32, device="cuda")
+                for phase, kernel in cuts.items():
+                    row[phase] = statistics.median(event_times_ms(
+                        lambda: kernel[(T,)](px, py, theta, e_star, ws.view(torch.float32), ws, s, K, ka, s, s, **meta),
+                        args.iters, 3))
+            finally:
+                kr._large_num_warps = default
+            label = f"K={K}" + (f", {warps} warps" if warps else "")
+            print(f"{label}: " + "  ".join(f"{k} {v:.3f} ms" for k, v in row.items()), flush=True)
     return 0
 
 
