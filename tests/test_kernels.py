@@ -490,6 +490,11 @@ def test_schedule_choice():
 
     assert not use_dense(4096, 512, 102400) and not use_dense(4096, 2048, 102400) and use_dense(4096, 4096, 102400)
     assert not use_dense(4096, 16, 4096) and not use_dense(64, 4096, 102400)
+    # Dense from the router's rule: product gates and K above the small-K router (paper_k4096).
+    from omnimoe.kernels.dense_rule import rule_applies
+
+    assert rule_applies(4096, "product") and rule_applies(65, "product")
+    assert not rule_applies(64, "product") and not rule_applies(4096, "softmax")
 
 
 def test_cpu_tensors_need_interpreter_or_cuda():
