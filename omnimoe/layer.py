@@ -109,15 +109,9 @@ class OmniMoELayer(nn.Module):
                     self._router_log_probs(self.router_gate_y(x), norm_y))
         # Inference: both axes in one GEMM, one normalisation (float32 out) and one log-softmax:
         # 3 kernels, not 14.
-        w, norm_affine = self._router_inference_params()
-        logits = F.linear(x, w)
-        if norm_affine is not None:
-            scale, shift = norm_affine  # (l - mean) / sqrt(var + eps) = l * scale + shift
-            logits = torch.addcmul(shift, logits, scale)
-        else:
-            logits = logits.float()
-        log_probs = torch.log_softmax(logits.view(x.shape[0], 2, self.config.grid_side), dim=-1)
-        return log_probs[:, 0], log_probs[:, 1]
+        log_probs = self._router_log_probs_fast(x)
+        s = self.config.grid_side
+        return log_probs[:, :s], log_probs[:, s:]
 
     def _router_inference_params(self) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor] | None]:
         """Router weights [2s, d] and the eval batch-norm as float32 (scale, shift) [2s], both axes
@@ -239,11 +233,12 @@ class OmniMoELayer(nn.Module):
         return gates, indices
 
     def _router_log_probs_fast(self, x2: torch.Tensor) -> torch.Tensor:
-        """[T, 2s] float32: px then py of router_log_probs, from one router GEMM."""
+        """[T, 2s] float32: px then py of router_log_probs' inference path, from one router GEMM."""
         w, norm_affine = self._router_inference_params()
         logits = F.linear(x2, w)
         if norm_affine is not None:
-            logits = torch.addcmul(norm_affine[1], logits, norm_affine[0])
+            scale, shift = norm_affine  # (l - mean) / sqrt(var + eps) = l * scale + shift
+            logits = torch.addcmul(shift, logits, scale)
         else:
             logits = logits.float()
         s = self.config.grid_side

@@ -289,13 +289,13 @@ def _dense_rule_case(T, s, K, act, d=32, seed=0, chunk_rows=None, dtype=torch.fl
     assert dense_rule.rule_applies(K, "product") and not dense_rule.rule_applies(K, "softmax")
     theta, e_star = router.product_key_threshold_triton(log_probs[:, :s], log_probs[:, s:], K)
     out = torch.full((T, d), float("nan"), dtype=dtype, device=device)
-    default = dense_rule._CHUNK_ELEMENTS
+    default = ke._DENSE_CHUNK_ELEMENTS
     if chunk_rows:
-        dense_rule._CHUNK_ELEMENTS = chunk_rows * N
+        ke._DENSE_CHUNK_ELEMENTS = chunk_rows * N
     try:
         dense_rule.dense_rule_launch(x, up, down, log_probs, theta, e_star, ke.ACT_IDS[act], out, meta)
     finally:
-        dense_rule._CHUNK_ELEMENTS = default
+        ke._DENSE_CHUNK_ELEMENTS = default
     g, i = ops.product_key_topk_reference(px, py, K, "product")
     yr = ops.expert_grouped_matmul_reference(x.float(), up.float(), down.float(), g, i, act)
     assert rel_err(out.float(), yr) <= (1e-5 if dtype == torch.float32 else 5e-3), rel_err(out.float(), yr)

@@ -20,16 +20,13 @@ per element: the special-function units (16 per SM per clock) would otherwise bo
 """
 from __future__ import annotations
 
-import torch
 import triton
 import triton.language as tl
 
 from ._launch import interpreting
-from .experts import _act
+from .experts import _act, dense_two_gemms
 from .router import SMALL_K_MAX, _f32_key
 
-# Token chunks keep the [t, N] hidden buffer at most this many elements (experts._dense_launch's).
-_CHUNK_ELEMENTS = 1 << 29
 # Tile of the rule pass (H200, paper_k4096, scripts/sweep_dense_rule.py: 32 x 64 x 4 warps 0.485 ms,
 # 0.525 with a token's column blocks far apart in the grid, 0.54 with 16 rows or 8 warps; a copy of S
 # 0.394): RULE_ROWS grid rows x RULE_COLS columns per step (a program owns one
@@ -107,15 +104,14 @@ def rule_applies(top_k: int, gate: str) -> bool:
 def dense_rule_launch(x, up, down, log_probs, theta, e_star, act: int, out, meta: dict | None = None) -> None:
     """out [T, d] = H down, H from S = x up^T by `_dense_rule_kernel` (layer inference hot path,
     unchecked): x, up [s*s, d], down of one dtype, contiguous; log_probs [T, 2s] fp32 (px then py, unit
-    stride), theta / e_star [T] int32 from router.product_key_threshold_triton on them."""
-    T = x.shape[0]
-    N = up.shape[0]
+    stride), theta / e_star [T] int32 from router.product_key_threshold_triton on them. Token
+    chunks as experts.dense_two_gemms makes them."""
     s = log_probs.shape[1] // 2
-    rows = max(1, min(T, _CHUNK_ELEMENTS // N))
     meta = meta or rule_pass_config()
-    for t0 in range(0, T, rows):
-        t1 = min(T, t0 + rows)
-        h = torch.mm(x[t0:t1], up.t())
+
+    def from_rule(h, t0, t1):
         _dense_rule_kernel[rule_pass_grid(t1 - t0, s, meta)](
             h, log_probs[t0:t1], theta[t0:t1], e_star[t0:t1], s, log_probs.stride(0), ACT=act, **meta)
-        torch.mm(h, down, out=out[t0:t1])
+        return h
+
+    dense_two_gemms(x, up, down, out, from_rule)

@@ -483,17 +483,30 @@ def expert_dense_matmul(
     return out
 
 
-def _dense_launch(x, up, down, gates, indices, act: int, out) -> None:
-    """Unchecked dense schedule (layer inference path): x, gates, indices contiguous, out [T, d]."""
-    T, N, K = x.shape[0], up.shape[0], gates.shape[1]
+def dense_two_gemms(x, up, down, out, hidden) -> None:
+    """out [T, d] = H down with H = hidden(S, t0, t1) from S = x[t0:t1] up^T, token chunk by token
+    chunk (each [t, N] buffer at most _DENSE_CHUNK_ELEMENTS); `hidden` may return S rewritten in
+    place. The dense schedules' one driver: from the pair list here, from the rule in dense_rule."""
+    T, N = x.shape[0], up.shape[0]
     rows = max(1, min(T, _DENSE_CHUNK_ELEMENTS // N))
-    block_k = min(1024, max(16, next_pow2(K)))
     for t0 in range(0, T, rows):
         t1 = min(T, t0 + rows)
         s = torch.mm(x[t0:t1], up.t())
+        h = hidden(s, t0, t1)
+        del s  # a separate H: S's memory goes back before the second GEMM
+        torch.mm(h, down, out=out[t0:t1])
+
+
+def _dense_launch(x, up, down, gates, indices, act: int, out) -> None:
+    """Unchecked dense schedule (layer inference path): x, gates, indices contiguous, out [T, d]."""
+    N, K = up.shape[0], gates.shape[1]
+    block_k = min(1024, max(16, next_pow2(K)))
+
+    def from_pairs(s, t0, t1):
         h = torch.zeros_like(s)
         _dense_pairs_kernel[(t1 - t0, triton.cdiv(K, block_k))](
             s, gates[t0:t1], indices[t0:t1], h, N, K, ACT=act, BLOCK_K=block_k, num_warps=4,
         )
-        del s
-        torch.mm(h, down, out=out[t0:t1])
+        return h
+
+    dense_two_gemms(x, up, down, out, from_pairs)

@@ -151,6 +151,20 @@ def _gates_of(score, km, SOFTMAX: tl.constexpr):
 
 
 @triton.jit
+def _ws_slices(t, wsf_ptr, wsi_ptr, KA):
+    """Token t's slice of the large-K router's workspace (_WS_ROWS words per kept axis rank)."""
+    base = t * (10 * KA)  # 10 = _WS_ROWS (a plain global: not readable inside a jit function)
+    xv_ptr = wsf_ptr + base  # xv then yv: the lanes' items are read as one array
+    yv_ptr = xv_ptr + KA
+    xi_ptr = wsi_ptr + base + 2 * KA
+    yi_ptr = xi_ptr + KA
+    p_ptr = xi_ptr + 2 * KA  # inclusive prefix of lanes' emitted counts (<= 2 KA lanes)
+    q_ptr = xi_ptr + 4 * KA  # inclusive prefix of lanes' tie counts
+    g_ptr = xi_ptr + 6 * KA  # lanes' strictly-greater counts
+    return xv_ptr, yv_ptr, xi_ptr, yi_ptr, p_ptr, q_ptr, g_ptr
+
+
+@triton.jit
 def _topk_threshold(t, px_ptr, py_ptr, wsf_ptr, wsi_ptr, s, K, KA, stride_px, stride_py,
                     BLOCK_S: tl.constexpr, BLOCK_L: tl.constexpr, CHUNK: tl.constexpr, STEPS_A: tl.constexpr,
                     STEPS_L: tl.constexpr, STEPS_N: tl.constexpr, RULE: tl.constexpr):
@@ -164,14 +178,7 @@ def _topk_threshold(t, px_ptr, py_ptr, wsf_ptr, wsi_ptr, s, K, KA, stride_px, st
     s*s. A tie outside the searched ranks has at least K items ahead of it (its rank rectangle;
     equal values sort by index, so equal scores there have smaller ids), so its id is above every
     winning tie's: e.g. one dominant grid row whose K-th and (K+1)-th columns tie exactly."""
-    base = t * (10 * KA)
-    xv_ptr = wsf_ptr + base  # xv then yv: the lanes' items are read as one array
-    yv_ptr = xv_ptr + KA
-    xi_ptr = wsi_ptr + base + 2 * KA
-    yi_ptr = xi_ptr + KA
-    p_ptr = xi_ptr + 2 * KA  # inclusive prefix of lanes' emitted counts (<= 2 KA lanes)
-    q_ptr = xi_ptr + 4 * KA  # inclusive prefix of lanes' tie counts
-    g_ptr = xi_ptr + 6 * KA  # lanes' strictly-greater counts
+    xv_ptr, yv_ptr, xi_ptr, yi_ptr, p_ptr, q_ptr, g_ptr = _ws_slices(t, wsf_ptr, wsi_ptr, KA)
 
     _sort_axis(px_ptr + t * stride_px, s, xv_ptr, xi_ptr, KA, BLOCK_S)
     _sort_axis(py_ptr + t * stride_py, s, yv_ptr, yi_ptr, KA, BLOCK_S)
@@ -267,14 +274,7 @@ def _product_key_topk_kernel(
     theta, e_star, n_emit, n_gt, R, NL = _topk_threshold(
         t, px_ptr, py_ptr, wsf_ptr, wsi_ptr, s, K, KA, stride_px, stride_py,
         BLOCK_S, BLOCK_L, CHUNK, STEPS_A, STEPS_L, STEPS_N, False)
-    base = t * (10 * KA)
-    xv_ptr = wsf_ptr + base
-    yv_ptr = xv_ptr + KA
-    xi_ptr = wsi_ptr + base + 2 * KA
-    yi_ptr = xi_ptr + KA
-    p_ptr = xi_ptr + 2 * KA
-    q_ptr = xi_ptr + 4 * KA
-    g_ptr = xi_ptr + 6 * KA
+    xv_ptr, yv_ptr, xi_ptr, yi_ptr, p_ptr, q_ptr, g_ptr = _ws_slices(t, wsf_ptr, wsi_ptr, KA)
     out_g = gates_ptr + t * K
     out_i = idx_ptr + t * K
 
