@@ -3,11 +3,16 @@
 and its sort phase alone (sort_only), each replayed as a CUDA graph, for variants of the module:
 
   base[:KEY=V,...]   grid_row as committed, with GR_KEY constants changed (e.g. base:GATE_BLOCK=256;
-                     base:REG_PANEL=1 runs the panel kernel with the whole panel in registers)
+                     base:BM=64,WARPS=4,STAGES=3 runs the panel kernel with other tiles)
   store_y            plain stores into y instead of fp32 atomics      } timing only: these cut or
   no_gzero           the gate tile is not zeroed per block             } replace one piece of the
   no_gbuild          no zeroing and no scatter of the gate tile        } panel kernel's work, so
   no_gemm2           the second product replaced by a row sum of H     } their output is wrong
+  tables_in_l2       expert rows read modulo 8192 (16 MB of tables)    } (probes of what bounds
+  x_rows_in_l2       token rows read modulo 256                        }  the panel kernel)
+  gemm1_one_step     the first product over the first BD of d only     }
+  gemm2_one_step     the second product for the first BD2 of d only    }
+  gemms_one_step     both                                              }
 
 Variants are written as temporary copies of grid_row.py (triton.jit needs the source in a file);
 the committed module is not touched. `--profile` adds the per-kernel CUDA time of `base`.
@@ -42,7 +47,13 @@ CUTS = {
     "no_gzero": [(_ZERO_G, "")],
     "no_gbuild": [(_ZERO_G, ""), (_SCATTER_G, "            pass\n")],
     "no_gemm2": [(_GEMM2, "            o += h.to(tl.float32).sum(axis=1)[:, None]")],
+    "tables_in_l2": [("rows = (ebase + k * estride).to(tl.int64) * D", "rows = ((ebase + k * estride) % 8192).to(tl.int64) * D")],
+    "gemm1_one_step": [("    for d0 in range(0, D, BD):\n        dm = (d0 + dd) < D\n        xt = ", "    for d0 in range(0, BD, BD):\n        dm = (d0 + dd) < D\n        xt = ")],
+    "gemm2_one_step": [("        for d0 in range(0, D, BD2):", "        for d0 in range(0, BD2, BD2):")],
+    "gemms_one_step": [],  # both of the above (filled in below)
+    "x_rows_in_l2": [("        xrow = tok * D\n", "        xrow = (tok % 256) * D\n")],
 }
+CUTS["gemms_one_step"] = CUTS["gemm1_one_step"] + CUTS["gemm2_one_step"]
 
 
 def _variant_module(name: str, params: str, tmp: Path):

@@ -48,7 +48,8 @@ def main():
     print([l.strip() for l in out.splitlines() if "REG" in l])
     ptx = c.asm["ptx"]
     print("wgmma:", ptx.count("wgmma.mma_async"), "mma.sync:", ptx.count("mma.sync"), "red.v:", ptx.count("red.global.v"),
-          "red:", ptx.count("red.global"), "atom:", ptx.count("atom.global"))
+          "red:", ptx.count("red.global"), "atom:", ptx.count("atom.global"),
+          "loops:", c.asm["ttgir"].count("scf.for "))
 
 
 if __name__ == "__main__":

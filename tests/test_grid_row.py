@@ -82,18 +82,14 @@ def _consts(**kw):
 SMALL = dict(GR_BC=16, _MAX_CHUNKS=2, GR_BM=16, GR_FP32_BM=16, GR_PROGRAMS=3, GR_GATE_BLOCK=32, GR_SORT_BLOCK=64,
              GR_SCAN_BLOCK=64)
 
-REG_SMALL = dict(SMALL, GR_REG_PANEL=1, GR_REG_BM=16, GR_REG_BD=16, GR_REG_BD2=16)
-
 
 def _grid_case(T, d, N, K, act="silu", dtype=torch.float32, prealloc=True, seed=0, consts=SMALL, auto=False,
                ids="uniform"):
-    """The grid schedule against the reference (the panel kernel in registers wherever `consts` set
-    GR_REG_PANEL, checked to be the path taken)."""
+    """The grid schedule against the reference."""
     from omnimoe.kernels import expert_workspace_bytes
     from omnimoe.kernels.experts import expert_grouped_matmul_triton
 
     with _consts(**consts) as gr:
-        assert gr.panel_config(N, dtype == torch.float32, 0)["REG"] == bool(consts.get("GR_REG_PANEL"))
         x, up, down, g, idx = _inputs(T, d, N, K, seed, dtype, ids=ids)
         kw = {}
         if prealloc:
@@ -135,7 +131,7 @@ def _line_counts_case():
         s, P, pwr, _ = gr.panel_geometry(N)
         ws = torch.full((gr.workspace_bytes(T, K, N, d),), 255, dtype=torch.uint8)
         gr.launch(x, up, down, g, idx, torch.empty(T, d), ws, 0, sort_only=True)
-        got = ws[: 2 * s * P * T * 4].view(torch.int32).view(2 * s * P, T).t()
+        got = ws[: 2 * s * P * T * 4].view(torch.int32).view(T, 2 * s * P)  # token-major
         e = idx.long()
         ok = (e >= 0) & (e < N)
         i, j = torch.where(ok, e, 0) // s, torch.where(ok, e, 0) % s
@@ -176,13 +172,6 @@ INTERP_CASES = {
     "gelu_tanh_k1": lambda: _grid_case(19, 16, 49, 1, act="gelu_tanh", seed=6),
     "k_eq_n": lambda: _grid_case(9, 16, 16, 16, seed=7),
     "t1_no_prealloc": lambda: _grid_case(1, 16, 36, 5, prealloc=False, seed=8),
-    # Panels in registers (GR_REG_PANEL, 16-bit only): 2 chunks per panel, then the most (5),
-    # ragged d steps in both products, row and column panels.
-    "reg_panels_chunks_fp16": lambda: _grid_case(37, 24, 81 * 81, 40, dtype=torch.float16, seed=12, consts=REG_SMALL),
-    "reg_five_chunks_fp16": lambda: _grid_case(30, 24, 80 * 80, 60, dtype=torch.float16, ids="product", seed=13,
-                                               consts=dict(REG_SMALL, _MAX_CHUNKS=5)),
-    "reg_column_panels_fp16": lambda: _grid_case(37, 24, 81 * 81, 60, dtype=torch.float16, ids="columns", seed=14,
-                                                 consts=REG_SMALL),
     # The shipped tile sizes (one chunk of 64 at this N), as "auto" picks them.
     "default_tiles_auto": lambda: _grid_case(260, 32, 400, 40, consts={"GR_PROGRAMS": 2}, auto=True, seed=9),
 }
@@ -213,10 +202,10 @@ def test_schedule_choice():
     assert ke.expert_workspace_bytes(255, 8000, 102400, 64) < gr.workspace_bytes(255, 8000, 102400, 64)
 
 
-def test_reg_panel_compiles_for_sm90_without_spills():
-    """The in-register panel kernel (GR_REG_PANEL) at the paper shape (N = 320^2: 5 chunks of 64),
-    bf16, through triton's code generator for sm_90: its accumulators fit in registers (no local
-    memory) and its shared memory in the 227 KiB an H200 block may use."""
+def test_panel_kernel_compiles_for_sm90_without_spills():
+    """The shipped 16-bit panel kernel at the paper shape (N = 320^2: 5 chunks of 64), bf16, through
+    triton's code generator for sm_90: its accumulators fit in registers (no local memory) and its
+    shared memory in the 227 KiB an H200 block may use."""
     import inspect
     import subprocess
 
@@ -226,9 +215,8 @@ def test_reg_panel_compiles_for_sm90_without_spills():
 
     from omnimoe.kernels import grid_row as gr
 
-    with _consts(GR_REG_PANEL=1):
-        cfg = gr.panel_config(102400, False, 0)
-    assert cfg["REG"] and cfg["NCH"] == 5
+    cfg = gr.panel_config(102400, False, 0)
+    assert cfg["NCH"] == 5
     warps, stages = cfg.pop("num_warps"), cfg.pop("num_stages")
     params = list(inspect.signature(gr._gr_panel_kernel.fn).parameters)
     ptr_types = {"x_ptr": "*bf16", "up_ptr": "*bf16", "down_ptr": "*bf16", "sgate_ptr": "*fp32", "gscr_ptr": "*fp32",
@@ -271,8 +259,6 @@ MUTATIONS = {
     "columns_as_rows": "column_panels_fp32",  # column panels read as rows (unit stride)
     "all_to_rows_keys_only": "product_routing_fp16",  # histogram keys by rows, scatter by the choice
     "column_counts_dropped": "line_counts",  # the column-panel histogram never stored
-    "reg_fifth_chunk_as_fourth": "reg_five_chunks_fp16",  # registers: chunk 4's H reused for chunk 5
-    "reg_second_chunk_reads_first": "reg_panels_chunks_fp16",  # registers: chunk 2's S from chunk 1's rows
 }
 
 
@@ -312,14 +298,8 @@ def _mutated(name):
     if name == "all_to_rows_keys_only":
         src = _src(gr, "_gr_histogram_kernel").replace(
             "key, _ = _gr_key(e, offs // K, valid, lcounts_ptr, S, P, PWR, T)",
-            "key, _, _, _ = _gr_line_keys(e, offs // K, S, P, PWR, T)")
+            "key = _gr_line_panels(e, S, P, PWR)[0] * T + offs // K")
         return _rejit(gr, "_gr_histogram_kernel", src)
-    if name == "reg_fifth_chunk_as_fourth":
-        return _rejit(gr, "_gr_panel_in_registers", _src(gr, "_gr_panel_in_registers").replace(
-            "o = _gr_down_step(h4,", "o = _gr_down_step(h3,"))
-    if name == "reg_second_chunk_reads_first":
-        return _rejit(gr, "_gr_panel_in_registers", _src(gr, "_gr_panel_in_registers").replace(
-            "acc1 = _gr_up_step(xt, up_ptr, ebase, estride, width, 1,", "acc1 = _gr_up_step(xt, up_ptr, ebase, estride, width, 0,"))
     raise KeyError(name)
     del triton, tl
 

@@ -51,15 +51,6 @@ GR_WARPS = 8
 GR_STAGES = 4
 # Slots per block for fp32 inputs.
 GR_FP32_BM = 64
-# 16-bit panels in registers (_gr_panel_in_registers): off until measured on the H200. The A/B:
-# scripts/ab_grid_panel.py --variants "base;base:REG_PANEL=1". Its tiles: BM slots (the whole
-# panel's S is BM x NCH*BC fp32 in registers), d steps, warps and pipeline stages.
-GR_REG_PANEL = 0
-GR_REG_BM = 64
-GR_REG_BD = 32
-GR_REG_BD2 = 64
-GR_REG_WARPS = 8
-GR_REG_STAGES = 2
 # Persistent programs (each owns one G and one H scratch tile of BM x NCH*BC fp32): 3 per H200 SM
 # (measured at K = 512 / 1024 / 2048, T = 4096: 0.03-0.08 ms faster than 2 per SM).
 GR_PROGRAMS = 396
@@ -165,22 +156,23 @@ def workspace_bytes(max_tokens: int, top_k: int, num_experts: int, hidden_size: 
 
 # ----------------------------------------------------------------------------- sort by (panel, token)
 @triton.jit
-def _gr_line_keys(e, t, S, P, PWR, T):
-    """Keys (panel * T + t) of pair (t, e)'s row panel and column panel, and its place in each."""
+def _gr_line_panels(e, S, P, PWR):
+    """Expert e's row panel and column panel (numbers < 2*S*P), and its place in each."""
     i = e // S
     j = e - i * S
     qr = j // PWR
     qc = i // PWR
-    return (i * P + qr) * T + t, j - qr * PWR, ((S + j) * P + qc) * T + t, i - qc * PWR
+    return i * P + qr, j - qr * PWR, (S + j) * P + qc, i - qc * PWR
 
 
 @triton.jit
 def _gr_key(e, t, m, lcounts_ptr, S, P, PWR, T):
     """The panel pair (t, e) is assigned to: the line (row or column panel) holding more of token
-    t's pairs, the row on ties; returns its key and the pair's place in it."""
-    rk, rpos, ck, cpos = _gr_line_keys(e, t, S, P, PWR, T)
-    row = tl.load(lcounts_ptr + rk, mask=m, other=0) >= tl.load(lcounts_ptr + ck, mask=m, other=0)
-    return tl.where(row, rk, ck), tl.where(row, rpos, cpos)
+    t's pairs, the row on ties; returns its sort key (panel * T + t) and the pair's place in it."""
+    rp, rpos, cp, cpos = _gr_line_panels(e, S, P, PWR)
+    counts = lcounts_ptr + t * (2 * S * P)  # token-major: a token's pairs read one row of counts
+    row = tl.load(counts + rp, mask=m, other=0) >= tl.load(counts + cp, mask=m, other=0)
+    return tl.where(row, rp, cp) * T + t, tl.where(row, rpos, cpos)
 
 
 @triton.jit
@@ -194,9 +186,9 @@ def _gr_pair(idx_ptr, offs, TK, N):
 
 @triton.jit
 def _gr_line_count_kernel(idx_ptr, lcounts_ptr, K, N, S, P, PWR, T, NB: tl.constexpr, CH: tl.constexpr):
-    """lcounts[panel * T + t] = token t's pairs in each row panel and each column panel, every
+    """lcounts[t * 2*S*P + panel] = token t's pairs in each row panel and each column panel, every
     entry written: one program per token, histograms in registers (global atomics would serialise
-    on a token's top lines, which hold up to s of its pairs each)."""
+    on a token's top lines, which hold up to s of its pairs each), one contiguous row per token."""
     t = tl.program_id(0)
     kk = tl.arange(0, CH)
     n_lines = S * P  # also the bin of invalid ids (NB > S * P)
@@ -206,14 +198,14 @@ def _gr_line_count_kernel(idx_ptr, lcounts_ptr, K, N, S, P, PWR, T, NB: tl.const
         k = k0 + kk
         e = tl.load(idx_ptr + t.to(tl.int64) * K + k, mask=k < K, other=-1)
         valid = (k < K) & (e >= 0) & (e < N)
-        # With T = 1 and t = 0 the keys are the panel numbers: rows < n_lines <= columns.
-        rk, _, ck, _ = _gr_line_keys(tl.where(valid, e, 0), 0, S, P, PWR, 1)
-        h_row += tl.histogram(tl.where(valid, rk, n_lines), NB)
-        h_col += tl.histogram(tl.where(valid, ck - n_lines, n_lines), NB)
+        rp, _, cp, _ = _gr_line_panels(tl.where(valid, e, 0), S, P, PWR)  # rows < n_lines <= columns
+        h_row += tl.histogram(tl.where(valid, rp, n_lines), NB)
+        h_col += tl.histogram(tl.where(valid, cp - n_lines, n_lines), NB)
     b = tl.arange(0, NB)
     bm = b < n_lines
-    tl.store(lcounts_ptr + b.to(tl.int64) * T + t, h_row, mask=bm)
-    tl.store(lcounts_ptr + (n_lines + b).to(tl.int64) * T + t, h_col, mask=bm)
+    counts = lcounts_ptr + t.to(tl.int64) * (2 * n_lines)
+    tl.store(counts + b, h_row, mask=bm)
+    tl.store(counts + n_lines + b, h_col, mask=bm)
 
 
 @triton.jit
@@ -313,53 +305,16 @@ def _gr_up_step(xt, up_ptr, ebase, estride, width, c, d0, D, dd, dm, acc, BC: tl
 
 
 @triton.jit
-def _gr_down_step(h, down_ptr, ebase, estride, width, c, d0, D, dd2, dm, o, BC: tl.constexpr, IEEE: tl.constexpr):
-    return _gr_dot(h, _gr_table_tile(down_ptr, ebase, estride, width, c, d0, D, dd2, dm, BC), o, IEEE)
-
-
-@triton.jit
-def _gr_panel_in_registers(x_ptr, up_ptr, down_ptr, y_ptr, g_base, xrow, rm, mm, dd, dd2, ebase, estride, width, D,
-                           ACT: tl.constexpr, BM: tl.constexpr, BC: tl.constexpr, NCH: tl.constexpr,
-                           BD: tl.constexpr, BD2: tl.constexpr, GW: tl.constexpr, HT: tl.constexpr,
-                           IEEE: tl.constexpr):
-    """Both products of one work item with the whole panel's S and H in registers (REG; NCH <= 5,
-    one accumulator per BC-chunk): d outermost, so each X tile is loaded once for all chunks
-    instead of once per chunk, and H never goes through the scratch tile."""
-    acc0 = tl.zeros([BM, BC], dtype=tl.float32)
-    acc1 = tl.zeros([BM, BC], dtype=tl.float32)
-    acc2 = tl.zeros([BM, BC], dtype=tl.float32)
-    acc3 = tl.zeros([BM, BC], dtype=tl.float32)
-    acc4 = tl.zeros([BM, BC], dtype=tl.float32)
+def _gr_chunk_h(x_ptr, up_ptr, g_base, xrow, rm, mm, dd, ebase, estride, width, c, D,
+                ACT: tl.constexpr, BM: tl.constexpr, BC: tl.constexpr, BD: tl.constexpr, GW: tl.constexpr,
+                HT: tl.constexpr, IEEE: tl.constexpr):
+    """H = act(S) o G of BC-chunk c of the panel, S = X_slots U_c^T over all of d (a plain GEMM loop)."""
+    acc = tl.zeros([BM, BC], dtype=tl.float32)
     for d0 in range(0, D, BD):
         dm = (d0 + dd) < D
         xt = tl.load(x_ptr + xrow[:, None] + d0 + dd[None, :], mask=rm[:, None] & dm[None, :], other=0.0)
-        acc0 = _gr_up_step(xt, up_ptr, ebase, estride, width, 0, d0, D, dd, dm, acc0, BC, IEEE)
-        if NCH > 1:
-            acc1 = _gr_up_step(xt, up_ptr, ebase, estride, width, 1, d0, D, dd, dm, acc1, BC, IEEE)
-        if NCH > 2:
-            acc2 = _gr_up_step(xt, up_ptr, ebase, estride, width, 2, d0, D, dd, dm, acc2, BC, IEEE)
-        if NCH > 3:
-            acc3 = _gr_up_step(xt, up_ptr, ebase, estride, width, 3, d0, D, dd, dm, acc3, BC, IEEE)
-        if NCH > 4:
-            acc4 = _gr_up_step(xt, up_ptr, ebase, estride, width, 4, d0, D, dd, dm, acc4, BC, IEEE)
-    h0 = _gr_h(acc0, g_base, 0, mm, GW, BC, ACT, HT)
-    h1 = _gr_h(acc1, g_base, 1, mm, GW, BC, ACT, HT) if NCH > 1 else h0
-    h2 = _gr_h(acc2, g_base, 2, mm, GW, BC, ACT, HT) if NCH > 2 else h0
-    h3 = _gr_h(acc3, g_base, 3, mm, GW, BC, ACT, HT) if NCH > 3 else h0
-    h4 = _gr_h(acc4, g_base, 4, mm, GW, BC, ACT, HT) if NCH > 4 else h0
-    for d0 in range(0, D, BD2):
-        dm = (d0 + dd2) < D
-        o = _gr_down_step(h0, down_ptr, ebase, estride, width, 0, d0, D, dd2, dm, tl.zeros([BM, BD2], dtype=tl.float32),
-                          BC, IEEE)
-        if NCH > 1:
-            o = _gr_down_step(h1, down_ptr, ebase, estride, width, 1, d0, D, dd2, dm, o, BC, IEEE)
-        if NCH > 2:
-            o = _gr_down_step(h2, down_ptr, ebase, estride, width, 2, d0, D, dd2, dm, o, BC, IEEE)
-        if NCH > 3:
-            o = _gr_down_step(h3, down_ptr, ebase, estride, width, 3, d0, D, dd2, dm, o, BC, IEEE)
-        if NCH > 4:
-            o = _gr_down_step(h4, down_ptr, ebase, estride, width, 4, d0, D, dd2, dm, o, BC, IEEE)
-        tl.atomic_add(y_ptr + xrow[:, None] + d0 + dd2[None, :], o, mask=rm[:, None] & dm[None, :], sem="relaxed")
+        acc = _gr_up_step(xt, up_ptr, ebase, estride, width, c, d0, D, dd, dm, acc, BC, IEEE)
+    return _gr_h(acc, g_base, c, mm, GW, BC, ACT, HT)
 
 
 @triton.jit
@@ -369,7 +324,6 @@ def _gr_panel_kernel(
     D, S, P, PWR, NP, NKEY, T, NSTEPS,
     ACT: tl.constexpr, BM: tl.constexpr, BC: tl.constexpr, NCH: tl.constexpr, BD: tl.constexpr,
     BD2: tl.constexpr, GBLK: tl.constexpr, SCAN_BLOCK: tl.constexpr, IEEE: tl.constexpr,
-    REG: tl.constexpr = False,
 ):
     GW: tl.constexpr = NCH * BC
     pid = tl.program_id(0)
@@ -424,28 +378,20 @@ def _gr_panel_kernel(
         estride = tl.where(is_col, S, 1)
         width = tl.minimum(PWR, S - pq * PWR)
         xrow = tok * D
-        if REG:
-            _gr_panel_in_registers(x_ptr, up_ptr, down_ptr, y_ptr, g_base, xrow, rm, mm, dd, dd2, ebase, estride,
-                                   width, D, ACT, BM, BC, NCH, BD, BD2, GW, HT, IEEE)
-        else:
-            # One BC-chunk of S at a time (plain GEMM loops, X re-read per chunk); H = act(S) o G
-            # goes to this program's H tile, which the second product reads back chunk by chunk.
+        # One BC-chunk of S at a time (plain GEMM loops, X re-read per chunk); H = act(S) o G
+        # goes to this program's H tile, which the second product reads back chunk by chunk.
+        for c in range(0, NCH):
+            h = _gr_chunk_h(x_ptr, up_ptr, g_base, xrow, rm, mm, dd, ebase, estride, width, c, D, ACT, BM, BC, BD, GW, HT,
+                            IEEE)
+            tl.store(h_base + mm[:, None] * GW + c * BC + bc[None, :], h)
+        tl.debug_barrier()
+        for d0 in range(0, D, BD2):
+            dm = (d0 + dd2) < D
+            o = tl.zeros([BM, BD2], dtype=tl.float32)
             for c in range(0, NCH):
-                acc = tl.zeros([BM, BC], dtype=tl.float32)
-                for d0 in range(0, D, BD):
-                    dm = (d0 + dd) < D
-                    xt = tl.load(x_ptr + xrow[:, None] + d0 + dd[None, :], mask=rm[:, None] & dm[None, :], other=0.0)
-                    ut = _gr_table_tile(up_ptr, ebase, estride, width, c, d0, D, dd, dm, BC)
-                    acc = _gr_dot(xt, tl.trans(ut), acc, IEEE)
-                tl.store(h_base + mm[:, None] * GW + c * BC + bc[None, :], _gr_h(acc, g_base, c, mm, GW, BC, ACT, HT))
-            tl.debug_barrier()
-            for d0 in range(0, D, BD2):
-                dm = (d0 + dd2) < D
-                o = tl.zeros([BM, BD2], dtype=tl.float32)
-                for c in range(0, NCH):
-                    h = tl.load(h_base + mm[:, None] * GW + c * BC + bc[None, :])
-                    o = _gr_dot(h, _gr_table_tile(down_ptr, ebase, estride, width, c, d0, D, dd2, dm, BC), o, IEEE)
-                tl.atomic_add(y_ptr + xrow[:, None] + d0 + dd2[None, :], o, mask=rm[:, None] & dm[None, :], sem="relaxed")
+                h = tl.load(h_base + mm[:, None] * GW + c * BC + bc[None, :])
+                o = _gr_dot(h, _gr_table_tile(down_ptr, ebase, estride, width, c, d0, D, dd2, dm, BC), o, IEEE)
+            tl.atomic_add(y_ptr + xrow[:, None] + d0 + dd2[None, :], o, mask=rm[:, None] & dm[None, :], sem="relaxed")
 
 
 @triton.jit
@@ -462,13 +408,9 @@ def panel_config(N: int, fp32: bool, act: int) -> dict:
     _, _, _, nch = panel_geometry(N)
     if fp32:
         return dict(ACT=act, BM=GR_FP32_BM, BC=GR_BC, NCH=nch, BD=32, BD2=64, GBLK=GR_GATE_BLOCK,
-                    SCAN_BLOCK=GR_SCAN_BLOCK, IEEE=True, REG=False, num_warps=8, num_stages=1)
-    if GR_REG_PANEL and nch <= 5:
-        return dict(ACT=act, BM=GR_REG_BM, BC=GR_BC, NCH=nch, BD=GR_REG_BD, BD2=GR_REG_BD2, GBLK=GR_GATE_BLOCK,
-                    SCAN_BLOCK=GR_SCAN_BLOCK, IEEE=False, REG=True, num_warps=GR_REG_WARPS,
-                    num_stages=GR_REG_STAGES)
+                    SCAN_BLOCK=GR_SCAN_BLOCK, IEEE=True, num_warps=8, num_stages=1)
     return dict(ACT=act, BM=GR_BM, BC=GR_BC, NCH=nch, BD=GR_BD, BD2=GR_BD2, GBLK=GR_GATE_BLOCK,
-                SCAN_BLOCK=GR_SCAN_BLOCK, IEEE=False, REG=False, num_warps=GR_WARPS,
+                SCAN_BLOCK=GR_SCAN_BLOCK, IEEE=False, num_warps=GR_WARPS,
                 num_stages=GR_STAGES)
 
 
@@ -511,7 +453,7 @@ def cast_config() -> dict:
 
 def _tile_rows() -> int:
     """Rows of the per-program G / H scratch tiles (the largest BM of the configs)."""
-    return max(GR_BM, GR_FP32_BM, GR_REG_BM)
+    return max(GR_BM, GR_FP32_BM)
 
 
 def launch(x, up, down, gates, indices, out, workspace, act: int, *, sort_only: bool = False) -> None:
