@@ -19,6 +19,11 @@ the committed module is not touched. `--profile` adds the per-kernel CUDA time o
 Routing: exact product-key top-K of random per-axis log-probs (bench_schedules' "product").
 
     python3 scripts/ab_grid_panel.py [--configs paper_min,paper_k4096] [--variants "base;base:GATE_BLOCK=256"] [--profile]
+
+`--launches-only` runs each variant's schedule twice, untimed, for Nsight Compute, e.g.
+    ncu --kernel-name regex:_gr_panel_kernel --launch-skip 1 --launch-count 1 --section SpeedOfLight \
+        --section Occupancy --section SchedulerStats python3 scripts/ab_grid_panel.py --configs paper_min \
+        --variants base --launches-only
 """
 from __future__ import annotations
 
@@ -85,6 +90,7 @@ def main() -> int:
     ap.add_argument("--variants", default="base;no_gbuild")
     ap.add_argument("--iters", type=int, default=15)
     ap.add_argument("--profile", action="store_true")
+    ap.add_argument("--launches-only", action="store_true", help="two untimed launches per variant (for ncu)")
     args = ap.parse_args()
     variants = [v.partition(":")[::2] for v in args.variants.split(";") if v]
     bad = [c for c in args.configs.split(",") if c not in CONFIGS] + [n for n, _ in variants if n not in CUTS]
@@ -107,6 +113,11 @@ def main() -> int:
             for vname, params in variants:
                 m = _variant_module(vname, params, Path(tmp))
                 ws = torch.empty(m.workspace_bytes(T, K, N, d), device=dev, dtype=torch.uint8)
+                if args.launches_only:
+                    for _ in range(2):
+                        m.launch(x, up, down, gates, idx, out, ws, 0)
+                    torch.cuda.synchronize()
+                    continue
                 full, _ = capture_graph(lambda: m.launch(x, up, down, gates, idx, out, ws, 0))
                 sort, _ = capture_graph(lambda: m.launch(x, up, down, gates, idx, out, ws, 0, sort_only=True))
                 sort_ms, full_ms = med(sort.replay), med(full.replay)
