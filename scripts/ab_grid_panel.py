@@ -46,6 +46,8 @@ _ZERO_G = """        for c in tl.static_range(NCH):
 """
 _SCATTER_G = '            tl.atomic_add(g_base + sl * GW + col, gv, mask=qm, sem="relaxed")\n'
 _GEMM2 = "            o = _gr_dot(h, _gr_table_tile(down_ptr, ebase, estride, width, c, d0, D, dd2, dm, BC), o, IEEE)"
+_GEMM1_ONE_STEP = ("for d0 in range(0, D, BD):", "for d0 in range(0, BD, BD):")
+_GEMM2_ONE_STEP = ("for d0 in range(0, D, BD2):", "for d0 in range(0, BD2, BD2):")
 CUTS = {
     "base": [],
     "store_y": [(_ATOMIC_Y, "tl.store(y_ptr + xrow[:, None] + d0 + dd2[None, :], o, mask=rm[:, None] & dm[None, :])")],
@@ -53,12 +55,11 @@ CUTS = {
     "no_gbuild": [(_ZERO_G, ""), (_SCATTER_G, "            pass\n")],
     "no_gemm2": [(_GEMM2, "            o += h.to(tl.float32).sum(axis=1)[:, None]")],
     "tables_in_l2": [("rows = (ebase + k * estride).to(tl.int64) * D", "rows = ((ebase + k * estride) % 8192).to(tl.int64) * D")],
-    "gemm1_one_step": [("    for d0 in range(0, D, BD):\n        dm = (d0 + dd) < D\n        xt = ", "    for d0 in range(0, BD, BD):\n        dm = (d0 + dd) < D\n        xt = ")],
-    "gemm2_one_step": [("        for d0 in range(0, D, BD2):", "        for d0 in range(0, BD2, BD2):")],
-    "gemms_one_step": [],  # both of the above (filled in below)
+    "gemm1_one_step": [_GEMM1_ONE_STEP],
+    "gemm2_one_step": [_GEMM2_ONE_STEP],
+    "gemms_one_step": [_GEMM1_ONE_STEP, _GEMM2_ONE_STEP],
     "x_rows_in_l2": [("        xrow = tok * D\n", "        xrow = (tok % 256) * D\n")],
 }
-CUTS["gemms_one_step"] = CUTS["gemm1_one_step"] + CUTS["gemm2_one_step"]
 
 
 def _variant_module(name: str, params: str, tmp: Path):

@@ -300,24 +300,6 @@ def _gr_h(acc, g_base, c, mm, GW: tl.constexpr, BC: tl.constexpr, ACT: tl.conste
 
 
 @triton.jit
-def _gr_up_step(xt, up_ptr, ebase, estride, width, c, d0, D, dd, dm, acc, BC: tl.constexpr, IEEE: tl.constexpr):
-    return _gr_dot(xt, tl.trans(_gr_table_tile(up_ptr, ebase, estride, width, c, d0, D, dd, dm, BC)), acc, IEEE)
-
-
-@triton.jit
-def _gr_chunk_h(x_ptr, up_ptr, g_base, xrow, rm, mm, dd, ebase, estride, width, c, D,
-                ACT: tl.constexpr, BM: tl.constexpr, BC: tl.constexpr, BD: tl.constexpr, GW: tl.constexpr,
-                HT: tl.constexpr, IEEE: tl.constexpr):
-    """H = act(S) o G of BC-chunk c of the panel, S = X_slots U_c^T over all of d (a plain GEMM loop)."""
-    acc = tl.zeros([BM, BC], dtype=tl.float32)
-    for d0 in range(0, D, BD):
-        dm = (d0 + dd) < D
-        xt = tl.load(x_ptr + xrow[:, None] + d0 + dd[None, :], mask=rm[:, None] & dm[None, :], other=0.0)
-        acc = _gr_up_step(xt, up_ptr, ebase, estride, width, c, d0, D, dd, dm, acc, BC, IEEE)
-    return _gr_h(acc, g_base, c, mm, GW, BC, ACT, HT)
-
-
-@triton.jit
 def _gr_panel_kernel(
     x_ptr, up_ptr, down_ptr, scol_ptr, sgate_ptr, sslot_ptr, slot_tok_ptr, slot_pair_ptr,
     offsets_ptr, slotoff_ptr, bsums_ptr, bslots_ptr, blkoff_ptr, gscr_ptr, hscr_ptr, y_ptr,
@@ -381,9 +363,13 @@ def _gr_panel_kernel(
         # One BC-chunk of S at a time (plain GEMM loops, X re-read per chunk); H = act(S) o G
         # goes to this program's H tile, which the second product reads back chunk by chunk.
         for c in range(0, NCH):
-            h = _gr_chunk_h(x_ptr, up_ptr, g_base, xrow, rm, mm, dd, ebase, estride, width, c, D, ACT, BM, BC, BD, GW, HT,
-                            IEEE)
-            tl.store(h_base + mm[:, None] * GW + c * BC + bc[None, :], h)
+            acc = tl.zeros([BM, BC], dtype=tl.float32)
+            for d0 in range(0, D, BD):
+                dm = (d0 + dd) < D
+                xt = tl.load(x_ptr + xrow[:, None] + d0 + dd[None, :], mask=rm[:, None] & dm[None, :], other=0.0)
+                ut = _gr_table_tile(up_ptr, ebase, estride, width, c, d0, D, dd, dm, BC)
+                acc = _gr_dot(xt, tl.trans(ut), acc, IEEE)
+            tl.store(h_base + mm[:, None] * GW + c * BC + bc[None, :], _gr_h(acc, g_base, c, mm, GW, BC, ACT, HT))
         tl.debug_barrier()
         for d0 in range(0, D, BD2):
             dm = (d0 + dd2) < D
@@ -452,7 +438,7 @@ def cast_config() -> dict:
 
 
 def _tile_rows() -> int:
-    """Rows of the per-program G / H scratch tiles (the largest BM of the configs)."""
+    """Rows of the per-program G / H scratch tiles (the larger BM of the two configs)."""
     return max(GR_BM, GR_FP32_BM)
 
 
