@@ -322,12 +322,23 @@ class OmniMoELayer(nn.Module):
             static_y = self._forward_launch(static_x)
         return static_x, static_y, graph
 
+    def _grid_from_rule(self, x2: torch.Tensor) -> bool:
+        """Whether the routed experts run as grid_row.rule_launch: where the op's "auto" would run
+        the grid-line schedule, and the router's top-K is a rule (product gates, K > 64) over
+        whole-line panels."""
+        from .kernels import dense_rule, grid_row
+        from .kernels import experts as ke
+
+        cfg, T = self.config, x2.shape[0]
+        return (dense_rule.rule_applies(cfg.top_k, cfg.gate) and ke.use_grid_row(T, cfg.top_k, cfg.num_experts)
+                and grid_row.rule_supported(T, cfg.top_k, cfg.num_experts) and grid_row.fits_device(x2.device))
+
     def _forward_launch(self, x2: torch.Tensor) -> torch.Tensor:
         """As _forward_fused, with fewer launches: the router tail in one kernel (K <= 64), no
         argument re-checks between our own kernels, and the side stream only from
         _SIDE_STREAM_MIN_TOKENS tokens (below, the stream switches cost more host time than the
         overlap saves) or under graph capture."""
-        from .kernels import dense_rule, swiglu
+        from .kernels import dense_rule, grid_row, swiglu
         from .kernels import experts as ke
         from .kernels import router as kr
 
@@ -358,6 +369,9 @@ class OmniMoELayer(nn.Module):
                 log_probs = self._router_log_probs_fast(x2)
                 theta, e_star = kr.product_key_threshold_triton(log_probs[:, :s], log_probs[:, s:], cfg.top_k)
                 dense_rule.dense_rule_launch(x2, up, down, log_probs, theta, e_star, act, y)
+            elif plain and not dense and self._grid_from_rule(x2):
+                # Grid lines with their slots and gates from the router's rule: no pair list.
+                grid_row.rule_launch(x2, up, down, self._router_log_probs_fast(x2), cfg.top_k, act, y)
             else:
                 gates, indices = self._route_fast(x2, sort=False)  # the routed sum ignores their order
                 if dense:

@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Compile the grid-row panel kernel for sm_90 here (no GPU) and print registers / spills / smem.
 
-    python3 scripts/gr_compile_check.py [BM=128 BD=128 BD2=128 num_warps=8 num_stages=4 DT=bf16 ...]
+    python3 scripts/gr_compile_check.py [BM=128 BD=128 BD2=128 num_warps=8 num_stages=4 DT=bf16 RULE=1 ...]
 """
 import subprocess
 import sys
@@ -20,13 +20,14 @@ def main():
 
     kv = dict(a.split("=") for a in sys.argv[1:])
     dt = kv.pop("DT", "bf16")
-    cfg = gr.panel_config(102400, dt == "fp32", 0)
+    cfg = gr.panel_config(102400, dt == "fp32", 0, rule=bool(int(kv.pop("RULE", "0"))))
     for k, v in kv.items():
         cfg[k] = int(v)
     warps, stages = cfg.pop("num_warps"), cfg.pop("num_stages")
     fn = gr._gr_panel_kernel
     sig = {}
-    ptr = {"x_ptr": dt, "up_ptr": dt, "down_ptr": dt, "sgate_ptr": "fp32", "gscr_ptr": "fp32", "hscr_ptr": "fp32", "y_ptr": "fp32"}
+    ptr = {"x_ptr": dt, "up_ptr": dt, "down_ptr": dt, "sgate_ptr": "fp32", "gscr_ptr": "fp32", "hscr_ptr": "fp32", "y_ptr": "fp32",
+           "lp_ptr": "fp32"}
     attrs = {}
     for i, p in enumerate(fn.params):
         if p.is_constexpr:

@@ -153,6 +153,82 @@ def _bad_inputs_case():
         expert_grouped_matmul_triton(x, up, down, g, idx, "silu", schedule="grid", workspace=torch.empty(64, dtype=torch.uint8))
 
 
+def _rule_logprobs(T, s, seed, kind):
+    """[T, 2s] fp32 log-probs (px then py): "random" (no ties), "bf16" (bf16-rounded logits, as the
+    benchmark's router gives: ties at theta), "coarse" (logits in steps of 1/4: many ties, the
+    tie bisection over expert ids decides)."""
+    gen = torch.Generator().manual_seed(seed)
+    logits = torch.randn(T, 2, s, generator=gen)
+    if kind == "bf16":
+        logits = logits.bfloat16().float()
+    elif kind == "coarse":
+        logits = (logits * 4).round() / 4
+    return torch.log_softmax(logits, -1).reshape(T, 2 * s).contiguous()
+
+
+def _rule_case(T, d, s, K, act="silu", dtype=torch.float32, seed=0, kind="random", consts=SMALL, prealloc=True):
+    """grid_row.rule_launch (slots and gates from the router's rule) against the reference router
+    and op on the same log-probs."""
+    with _consts(**consts) as gr:
+        N = s * s
+        assert gr.rule_supported(T, K, N)
+        x, up, down, _, _ = _inputs(T, d, N, 3, seed, dtype, bad_ids=False)
+        lp = _rule_logprobs(T, s, seed, kind)
+        g, idx = ops.product_key_topk_reference(lp[:, :s], lp[:, s:], K, "product")
+        out = torch.full((T, d), float("nan"), dtype=dtype)
+        ws = torch.full((gr.rule_workspace_bytes(T, K, N, d),), 255, dtype=torch.uint8) if prealloc else None
+        from omnimoe.kernels.experts import ACT_IDS
+
+        gr.rule_launch(x, up, down, lp, K, ACT_IDS[act], out, ws)
+        yr = _reference(x, up, down, g, idx, act)
+        tol = 1e-5 if dtype == torch.float32 else 2e-3
+        assert torch.isfinite(out).all() and rel_err(out, yr) <= tol, rel_err(out, yr)
+
+
+def _rule_panels_case():
+    """The rule router's panels, exactly: token t in rows (x ranks) a < A and columns (y ranks)
+    b < B(A) = 1 + the largest y rank of a winner in x ranks >= A, A = argmin A + B(A) over
+    A <= min(s, isqrt(K)) (smallest on ties); no ties in these log-probs, so the candidates >= theta
+    are the winners."""
+    import math
+
+    from omnimoe.kernels._launch import align
+    from omnimoe.kernels.router import _WS_ROWS
+
+    with _consts(**SMALL) as gr:
+        T, d, s, K = 29, 8, 30, 120
+        N = s * s
+        x, up, down, _, _ = _inputs(T, d, N, 3, 5, bad_ids=False)
+        lp = _rule_logprobs(T, s, 5, "random")
+        ws = torch.full((gr.rule_workspace_bytes(T, K, N, d),), 255, dtype=torch.uint8)
+        gr.rule_launch(x, up, down, lp, K, 0, torch.empty(T, d), ws)
+        npanels = 2 * s
+        words = ws.view(torch.int32)
+        # rule_launch's carving: router scratch, rule, slot counts, slots.
+        off = (align(_WS_ROWS * min(K, s) * T * 4) + align(T * 16)) // 4
+        pcount = words[off: off + npanels]
+        off2 = off + align(npanels * 4) // 4
+        pslot = words[off2: off2 + npanels * T].view(npanels, T)
+        got = [set() for _ in range(T)]
+        for p in range(npanels):
+            for t in pslot[p, : int(pcount[p])].tolist():
+                got[t].add(p)
+        _, idx = ops.product_key_topk_reference(lp[:, :s], lp[:, s:], K, "product")
+        xr = torch.argsort(torch.argsort(-lp[:, :s], dim=1, stable=True), dim=1)
+        yr = torch.argsort(torch.argsort(-lp[:, s:], dim=1, stable=True), dim=1)
+        xi = torch.argsort(-lp[:, :s], dim=1, stable=True)
+        yi = torch.argsort(-lp[:, s:], dim=1, stable=True)
+        e = idx.long()
+        a, b = xr.gather(1, e // s), yr.gather(1, e % s)
+        R = min(s, math.isqrt(K))
+        for t in range(T):
+            cost = [(A + (int(b[t][a[t] >= A].max()) + 1 if (a[t] >= A).any() else A), A) for A in range(R + 1)]
+            A = min(cost)[1]
+            B = min(cost)[0] - A
+            want = {int(i) for i in xi[t, :A]} | {s + int(j) for j in yi[t, :B]}
+            assert got[t] == want, (t, sorted(got[t]), sorted(want))
+
+
 INTERP_CASES = {
     "geometry": _geometry_case,
     "bad_inputs": _bad_inputs_case,
@@ -174,6 +250,14 @@ INTERP_CASES = {
     "t1_no_prealloc": lambda: _grid_case(1, 16, 36, 5, prealloc=False, seed=8),
     # The shipped tile sizes (one chunk of 64 at this N), as "auto" picks them.
     "default_tiles_auto": lambda: _grid_case(260, 32, 400, 40, consts={"GR_PROGRAMS": 2}, auto=True, seed=9),
+    # From the router's rule (rule_launch): 30x30 grid (2 chunks per line, the last ragged).
+    "rule_fp32": lambda: _rule_case(37, 24, 30, 90),
+    "rule_bf16_ties_fp16": lambda: _rule_case(37, 24, 30, 200, dtype=torch.float16, seed=1, kind="bf16"),
+    "rule_coarse_ties_gelu": lambda: _rule_case(23, 16, 30, 100, act="gelu", seed=2, kind="coarse"),
+    # 10x10 grid, K = 70: most tokens in most lines, several blocks per panel, 2 programs.
+    "rule_dense_blocks": lambda: _rule_case(45, 20, 10, 70, seed=3, consts=dict(SMALL, GR_PROGRAMS=2)),
+    "rule_no_prealloc_relu": lambda: _rule_case(5, 16, 12, 144, act="relu", seed=4, prealloc=False),
+    "rule_panels": _rule_panels_case,
 }
 
 
@@ -202,10 +286,12 @@ def test_schedule_choice():
     assert ke.expert_workspace_bytes(255, 8000, 102400, 64) < gr.workspace_bytes(255, 8000, 102400, 64)
 
 
-def test_panel_kernel_compiles_for_sm90_without_spills():
+@pytest.mark.parametrize("rule", [False, True])
+def test_panel_kernel_compiles_for_sm90_without_spills(rule):
     """The shipped 16-bit panel kernel at the paper shape (N = 320^2: 5 chunks of 64), bf16, through
-    triton's code generator for sm_90: its accumulators fit in registers (no local memory) and its
-    shared memory in the 227 KiB an H200 block may use."""
+    triton's code generator for sm_90, with gates from the pair list and from the rule: its
+    accumulators fit in registers (no local memory) and its shared memory in the 227 KiB an H200
+    block may use."""
     import inspect
     import subprocess
 
@@ -215,12 +301,12 @@ def test_panel_kernel_compiles_for_sm90_without_spills():
 
     from omnimoe.kernels import grid_row as gr
 
-    cfg = gr.panel_config(102400, False, 0)
+    cfg = gr.panel_config(102400, False, 0, rule=rule)
     assert cfg["NCH"] == 5
     warps, stages = cfg.pop("num_warps"), cfg.pop("num_stages")
     params = list(inspect.signature(gr._gr_panel_kernel.fn).parameters)
     ptr_types = {"x_ptr": "*bf16", "up_ptr": "*bf16", "down_ptr": "*bf16", "sgate_ptr": "*fp32", "gscr_ptr": "*fp32",
-                 "hscr_ptr": "*fp32", "y_ptr": "*fp32"}
+                 "hscr_ptr": "*fp32", "y_ptr": "*fp32", "lp_ptr": "*fp32"}
     sig = {p: "constexpr" if p in cfg else ptr_types.get(p, "*i32" if p.endswith("_ptr") else "i32") for p in params}
     attrs = {(i,): [["tt.divisibility", 16]] for i, p in enumerate(params) if p.endswith("_ptr") or p == "D"}
     kernel = triton.compile(ASTSource(fn=gr._gr_panel_kernel, signature=sig, constexprs=cfg, attrs=attrs),
@@ -259,6 +345,11 @@ MUTATIONS = {
     "columns_as_rows": "column_panels_fp32",  # column panels read as rows (unit stride)
     "all_to_rows_keys_only": "product_routing_fp16",  # histogram keys by rows, scatter by the choice
     "column_counts_dropped": "line_counts",  # the column-panel histogram never stored
+    "rule_columns_keep_top_rows": "rule_fp32",  # column panels also take the row panels' x ranks
+    "rule_ties_by_theta_only": "rule_coarse_ties_gelu",  # every tie at theta admitted (no e_star)
+    "rule_skip_last_block": "rule_dense_blocks",  # last (ragged) block of each panel dropped
+    "rule_no_column_panels": "rule_fp32",  # tokens never enter their column panels
+    "rule_lines_not_fewest": "rule_panels",  # A minimises w(A) alone (a valid cover, more lines)
 }
 
 
@@ -283,7 +374,7 @@ def _mutated(name):
         return _rejit(gr, "_gr_blocks_kernel", _src(gr, "_gr_blocks_kernel").replace("(s1 - s0 + BM - 1) // BM", "(s1 - s0) // BM"))
     if name == "drop_last_chunk":
         orig = gr.panel_config
-        gr.panel_config = lambda N, fp32, act: dict(orig(N, fp32, act), NCH=max(1, orig(N, fp32, act)["NCH"] - 1))
+        gr.panel_config = lambda *a, **kw: dict(orig(*a, **kw), NCH=max(1, orig(*a, **kw)["NCH"] - 1))
         return None
     if name == "keep_out_of_range":
         src = _src(gr, "_gr_pair").replace("valid = m & (e >= 0) & (e < N)", "valid = m")
@@ -300,6 +391,19 @@ def _mutated(name):
             "key, _ = _gr_key(e, offs // K, valid, lcounts_ptr, S, P, PWR, T)",
             "key = _gr_line_panels(e, S, P, PWR)[0] * T + offs // K")
         return _rejit(gr, "_gr_histogram_kernel", src)
+    rule_edits = {
+        "rule_columns_keep_top_rows": ("_gr_rule_gates", "win = win & (below | (is_col == 0))", "win = win"),
+        "rule_ties_by_theta_only": ("_gr_rule_gates", "((key == theta[:, None]) & (e < e_star[:, None]))",
+                                    "(key == theta[:, None])"),
+        "rule_skip_last_block": ("_gr_rule_blocks_kernel", "+ BM - 1) // BM", ") // BM"),
+        "rule_no_column_panels": ("_gr_rule_route_kernel", "range(0, B, BLOCK_L)", "range(0, 0, BLOCK_L)"),
+        "rule_lines_not_fewest": ("_gr_rule_route_kernel", "lanes + w, 1 << 30", "w, 1 << 30"),
+    }
+    if name in rule_edits:
+        fn, old, new = rule_edits[name]
+        src = _src(gr, fn)
+        assert old in src, (name, old)
+        return _rejit(gr, fn, src.replace(old, new))
     raise KeyError(name)
     del triton, tl
 
@@ -405,6 +509,55 @@ def test_gpu_grid_graph_capture_no_alloc():
     graph.replay()
     torch.cuda.synchronize()
     assert rel_err(out, ref) <= 4e-3  # fp32 atomics: the order may differ, then a bf16 rounding
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("T,d,s,K,kind", [(1000, 256, 320, 512, "bf16"), (300, 128, 320, 2048, "random"),
+                                          (257, 96, 81, 1000, "coarse")])
+def test_gpu_rule_bf16_fp32_and_graph(T, d, s, K, kind):
+    """grid_row.rule_launch at real sizes against the reference router + op on the same log-probs:
+    bf16 within PEER-style bf16 arithmetic's error, fp32 within 1e-5; with a workspace given it
+    allocates nothing and replays as a CUDA graph."""
+    from omnimoe.kernels import grid_row as gr
+
+    N = s * s
+    lp = _rule_logprobs(T, s, 0, kind).cuda()
+    gates, idx = ops.product_key_topk_reference(lp[:, :s], lp[:, s:], K, "product")
+    gen = torch.Generator(device="cuda").manual_seed(1)
+    x = torch.randn(T, d, device="cuda", generator=gen)
+    up = torch.randn(N, d, device="cuda", generator=gen) * d**-0.5
+    down = torch.randn(N, d, device="cuda", generator=gen) * d**-0.5
+    ws = torch.full((gr.rule_workspace_bytes(T, K, N, d),), 255, device="cuda", dtype=torch.uint8)
+    for dtype in (torch.bfloat16, torch.float32):
+        xx, uu, dd_ = x.to(dtype), up.to(dtype), down.to(dtype)
+        out = torch.full((T, d), float("nan"), device="cuda", dtype=dtype)
+        gr.rule_launch(xx, uu, dd_, lp, K, 0, out, ws)
+        yr = _reference(xx, uu, dd_, gates, idx, "silu")
+        tol = 1e-5
+        if dtype == torch.bfloat16:
+            e = idx.long()
+            h = torch.nn.functional.silu(torch.einsum("tkd,td->tk", uu[e], xx)) * gates.to(dtype)
+            tol = rel_err(torch.einsum("tk,tkd->td", h, dd_[e]), yr) * 1.05
+        assert torch.isfinite(out).all() and rel_err(out, yr) <= tol, (dtype, rel_err(out, yr), tol)
+    ref = out.clone()
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_stats()["allocation.all.allocated"]
+    run = lambda: gr.rule_launch(xx, uu, dd_, lp, K, 0, out, ws)  # noqa: E731
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        run()
+    torch.cuda.current_stream().wait_stream(side)
+    torch.cuda.synchronize()
+    assert torch.cuda.memory_stats()["allocation.all.allocated"] == before
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        run()
+    out.zero_()
+    graph.replay()
+    torch.cuda.synchronize()
+    assert rel_err(out, ref) <= 1e-5  # fp32: only the order of the atomic adds may differ
 
 
 if __name__ == "__main__" and "--interpret" in sys.argv:

@@ -803,9 +803,12 @@ def test_gpu_gated_mlp_rounds_once(T, dtype, side):
 
 
 # (16384, 512, 256) and (16384, 1024, 512): the dense schedule, with either gate.
+# (102400, 512, 4096, "product") and (6561, 200, 700, "product"): grid lines from the router's rule
+# (grid_row.rule_launch); (6561, 200, 700, "softmax"): grid lines from the pair list.
 @pytest.mark.parametrize("N,K,T,gate", [(4096, 16, 1024, "softmax"), (16384, 512, 256, "softmax"),
                                         (16384, 1024, 512, "product"), (1 << 20, 16, 8, "softmax"),
-                                        (1 << 20, 16, 1, "softmax")])
+                                        (1 << 20, 16, 1, "softmax"), (102400, 512, 4096, "product"),
+                                        (6561, 200, 700, "product"), (6561, 200, 700, "softmax")])
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_gpu_layer_matches_reference_and_graph_replays(N, K, T, gate):
@@ -816,6 +819,10 @@ def test_gpu_layer_matches_reference_and_graph_replays(N, K, T, gate):
     cfg = OmniMoEConfig(hidden_size=256, intermediate_size=512, num_experts=N, top_k=K, gate=gate)
     layer = OmniMoELayer(cfg, backend="triton", device="cuda", dtype=torch.bfloat16).eval()
     x = torch.randn(T, 256, device="cuda", dtype=torch.bfloat16)
+    from omnimoe.kernels.experts import use_dense
+
+    takes_rule = layer._grid_from_rule(x) and not use_dense(T, K, N)
+    assert takes_rule == (N == 102400 or (N == 6561 and gate == "product"))
     with torch.inference_mode():
         y = layer(x)
         _, i_tri = layer.route(x)

@@ -38,6 +38,7 @@ import triton
 import triton.language as tl
 
 from .experts import _SCAN_TOP_BLOCK, _act, _scan_top_kernel
+from .router import SMALL_K_MAX, _f32_key, _topk_threshold, _ws_slices
 
 # Experts per tensor-core chunk of a panel, and at most this many chunks per panel (bounds the
 # per-program G / H scratch tiles). s = 320 (N = 102400): one panel of 5 chunks per row.
@@ -274,6 +275,62 @@ def _gr_blocks_kernel(slotoff_ptr, bslots_ptr, blkoff_ptr, NP, T, BM: tl.constex
     tl.store(blkoff_ptr + NP, carry)
 
 
+# ----------------------------------------------------------------------------- slots from the router's rule
+@triton.jit
+def _gr_rule_route_kernel(lp_ptr, rule_ptr, pcount_ptr, pslot_ptr, wsf_ptr, wsi_ptr, s, K, KA, stride_lp, T,
+                          BLOCK_S: tl.constexpr, BLOCK_L: tl.constexpr, CHUNK: tl.constexpr,
+                          STEPS_A: tl.constexpr, STEPS_L: tl.constexpr, STEPS_N: tl.constexpr):
+    """Token t's top-K as a rule (router._topk_threshold, RULE) and its panels, no pair list.
+
+    In rank space (x rank a, y rank b) the candidates >= theta form a staircase: w(a) of them in
+    rank row a, a prefix of its columns, w non-increasing. Rows a < A and columns b < w(A) cover it
+    for any A; A = argmin A + w(A) over A <= R (the lanes' split, where the minimum lies: A + w(A)
+    is smallest near w(A) ~ A and (A+1) w(A) <= K) is the fewest lines. Each row panel takes its
+    whole grid row; each column panel the x ranks >= A only (rule[t] = theta, e_star, and the
+    (key, index) of x rank A - 1 that bounds them), so every winner is in exactly one panel.
+    Panel p gets t in slot pslot[p*T + atomic count]; ties at theta that lose only cost a line."""
+    t = tl.program_id(0).to(tl.int64)
+    theta, e_star, _n_emit, _n_gt, R, NL, cnt_ge = _topk_threshold(
+        t, lp_ptr, lp_ptr + s, wsf_ptr, wsi_ptr, s, K, KA, stride_lp, stride_lp,
+        BLOCK_S, BLOCK_L, CHUNK, STEPS_A, STEPS_L, STEPS_N, True)
+    xv_ptr, _yv, xi_ptr, yi_ptr, _p, _q, _g = _ws_slices(t, wsf_ptr, wsi_ptr, KA)
+    lanes = tl.arange(0, BLOCK_L)
+    # w(a) = row lane a's count for a < R; w(R) = the column lanes (b, rows >= R) that reach row R.
+    w_r = tl.sum(((lanes >= R) & (lanes < NL) & (cnt_ge > 0)).to(tl.int32), axis=0)
+    w = tl.where(lanes < R, cnt_ge, w_r)
+    cost = tl.where(lanes <= R, lanes + w, 1 << 30)
+    A = tl.min(tl.where(cost == tl.min(cost, axis=0), lanes, BLOCK_L), axis=0)
+    B = tl.sum(tl.where(lanes == A, w, 0), axis=0)
+    tt = t.to(tl.int32)
+    am = lanes < A  # A <= R < BLOCK_L
+    i = tl.load(xi_ptr + lanes, mask=am, other=0)
+    pos = tl.atomic_add(pcount_ptr + i, 1, mask=am, sem="relaxed")
+    tl.store(pslot_ptr + i.to(tl.int64) * T + pos, tt, mask=am)
+    for b0 in range(0, B, BLOCK_L):
+        bm = (b0 + lanes) < B
+        p = s + tl.load(yi_ptr + b0 + lanes, mask=bm, other=0)
+        pos = tl.atomic_add(pcount_ptr + p, 1, mask=bm, sem="relaxed")
+        tl.store(pslot_ptr + p.to(tl.int64) * T + pos, tt, mask=bm)
+    last = tl.maximum(A - 1, 0)
+    tl.store(rule_ptr + t * 4, theta)
+    tl.store(rule_ptr + t * 4 + 1, e_star)
+    tl.store(rule_ptr + t * 4 + 2, tl.where(A > 0, _f32_key(tl.load(xv_ptr + last)), 0x7FFFFFFF))
+    tl.store(rule_ptr + t * 4 + 3, tl.where(A > 0, tl.load(xi_ptr + last), -1))
+
+
+@triton.jit
+def _gr_rule_blocks_kernel(pcount_ptr, blkoff_ptr, NP, BM: tl.constexpr, BLOCK: tl.constexpr):
+    """One program: blkoff[p] = work items (blocks of BM slots) of the panels before p; blkoff[NP] = all."""
+    carry = tl.sum(tl.zeros([BLOCK], dtype=tl.int32), axis=0)
+    for p0 in range(0, NP, BLOCK):
+        p = p0 + tl.arange(0, BLOCK)
+        m = p < NP
+        nb = (tl.load(pcount_ptr + p, mask=m, other=0) + BM - 1) // BM
+        tl.store(blkoff_ptr + p, carry + tl.cumsum(nb, axis=0) - nb, mask=m)
+        carry += tl.sum(nb, axis=0)
+    tl.store(blkoff_ptr + NP, carry)
+
+
 # ----------------------------------------------------------------------------- panel kernel
 @triton.jit
 def _gr_table_tile(ptr, ebase, estride, width, c, d0, D, dd, dm, BC: tl.constexpr):
@@ -293,27 +350,55 @@ def _gr_dot(a, b, acc, IEEE: tl.constexpr):
 
 
 @triton.jit
-def _gr_h(acc, g_base, c, mm, GW: tl.constexpr, BC: tl.constexpr, ACT: tl.constexpr, HT: tl.constexpr):
-    # .cg: the gates were added at L2 by atomics; never read a stale L1 line of an earlier block.
-    g = tl.load(g_base + mm[:, None] * GW + c * BC + tl.arange(0, BC)[None, :], cache_modifier=".cg")
-    return (_act(acc, ACT) * g).to(HT)
+def _gr_rule_gates(lp_ptr, rule_ptr, stride_lp, tok, rm, c, line, is_col, S, BC: tl.constexpr):
+    """[BM, BC] gates of chunk c of a whole-line panel (P = 1) from each slot's router rule.
+    Expert e = i*S + j: i = line, j = k in a row panel; i = k, j = line in a column panel (k the
+    chunk's places). A winner of token t iff key(px[i] + py[j]) > theta, or == theta and e < e_star
+    (router.product_key_threshold_triton, the same fp32 sum); its gate exp(px[i] + py[j]) as the
+    router computes it. A column panel holds only x ranks >= the token's row-panel count A: x
+    log-prob (key, -index) below that of x rank A - 1 (bkey, bidx; A = 0: every x).
+    The per-slot values are re-read per chunk (L1 / L2 hits): held across the first product's loop
+    they spill its accumulators on sm_90."""
+    rule = rule_ptr + tok * 4  # theta, e_star, bkey, bidx (_gr_rule_route_kernel)
+    theta = tl.load(rule, mask=rm, other=0)
+    e_star = tl.load(rule + 1, mask=rm, other=0)
+    bkey = tl.load(rule + 2, mask=rm, other=0)
+    bidx = tl.load(rule + 3, mask=rm, other=0)
+    lp_row = lp_ptr + tok * stride_lp
+    fixed = tl.load(lp_row + tl.where(is_col, S, 0) + line, mask=rm, other=0.0)  # px[i] of a row, py[j] of a column
+    k = c * BC + tl.arange(0, BC)
+    m = rm[:, None] & (k < S)[None, :]
+    var = tl.load(lp_row[:, None] + tl.where(is_col, 0, S) + k[None, :], mask=m, other=0.0)
+    score = fixed[:, None] + var
+    key = _f32_key(score)
+    e = tl.where(is_col, k[None, :] * S + line, line * S + k[None, :])
+    win = m & ((key > theta[:, None]) | ((key == theta[:, None]) & (e < e_star[:, None])))
+    vkey = _f32_key(var)
+    below = (vkey < bkey[:, None]) | ((vkey == bkey[:, None]) & (k[None, :] > bidx[:, None]))
+    win = win & (below | (is_col == 0))
+    return tl.where(win, tl.exp(score), 0.0)
 
 
 @triton.jit
 def _gr_panel_kernel(
     x_ptr, up_ptr, down_ptr, scol_ptr, sgate_ptr, sslot_ptr, slot_tok_ptr, slot_pair_ptr,
     offsets_ptr, slotoff_ptr, bsums_ptr, bslots_ptr, blkoff_ptr, gscr_ptr, hscr_ptr, y_ptr,
-    D, S, P, PWR, NP, NKEY, T, NSTEPS,
+    lp_ptr, rule_ptr, pcount_ptr, pslot_ptr,
+    D, S, P, PWR, NP, NKEY, T, NSTEPS, stride_lp,
     ACT: tl.constexpr, BM: tl.constexpr, BC: tl.constexpr, NCH: tl.constexpr, BD: tl.constexpr,
-    BD2: tl.constexpr, GBLK: tl.constexpr, SCAN_BLOCK: tl.constexpr, IEEE: tl.constexpr,
+    BD2: tl.constexpr, GBLK: tl.constexpr, SCAN_BLOCK: tl.constexpr, IEEE: tl.constexpr, RULE: tl.constexpr,
 ):
+    """RULE=False: slots and gates from the counting sort of the pair list (launch). RULE=True
+    (rule_launch, P = 1): panel p's slots are pslot[p*T : p*T + pcount[p]] and the gate tile is
+    computed from the router's rule (_gr_rule_gates); the sorted-pair arguments are not read."""
     GW: tl.constexpr = NCH * BC
     pid = tl.program_id(0)
     nprog = tl.num_programs(0)
     HT: tl.constexpr = tl.float32 if IEEE else x_ptr.dtype.element_ty
     n_work = tl.load(blkoff_ptr + NP)
-    n_slots = _gr_start(slotoff_ptr, bslots_ptr, NKEY, SCAN_BLOCK)
-    n_pairs = _gr_start(offsets_ptr, bsums_ptr, NKEY, SCAN_BLOCK)
+    if not RULE:
+        n_slots = _gr_start(slotoff_ptr, bslots_ptr, NKEY, SCAN_BLOCK)
+        n_pairs = _gr_start(offsets_ptr, bsums_ptr, NKEY, SCAN_BLOCK)
     g_base = gscr_ptr + pid.to(tl.int64) * (BM * GW)
     h_base = hscr_ptr.to(tl.pointer_type(HT)) + pid.to(tl.int64) * (BM * GW)
     mm = tl.arange(0, BM)
@@ -332,25 +417,6 @@ def _gr_panel_kernel(
             hi = tl.where(le, hi, mid)
         p = lo
         b = w - tl.load(blkoff_ptr + p)
-        slot0 = _gr_start(slotoff_ptr, bslots_ptr, p * T, SCAN_BLOCK) + b * BM
-        slot1 = tl.minimum(slot0 + BM, _gr_start(slotoff_ptr, bslots_ptr, (p + 1) * T, SCAN_BLOCK))
-        rm = (slot0 + mm) < slot1
-        tok = tl.load(slot_tok_ptr + slot0 + mm, mask=rm, other=0).to(tl.int64)
-        pa = tl.load(slot_pair_ptr + slot0)
-        pb = tl.load(slot_pair_ptr + slot1, mask=slot1 < n_slots, other=0)
-        pb = tl.where(slot1 < n_slots, pb, n_pairs)
-        # G tile: zero it, add the block's gates at (slot, column), then read it back per chunk.
-        tl.debug_barrier()
-        for c in tl.static_range(NCH):
-            tl.store(g_base + mm[:, None] * GW + c * BC + bc[None, :], tl.zeros([BM, BC], dtype=tl.float32))
-        tl.debug_barrier()
-        for q0 in range(pa, pb, GBLK):
-            qm = (q0 + gg) < pb
-            sl = tl.load(sslot_ptr + q0 + gg, mask=qm, other=0) - slot0
-            col = tl.load(scol_ptr + q0 + gg, mask=qm, other=0)
-            gv = tl.load(sgate_ptr + q0 + gg, mask=qm, other=0.0)
-            tl.atomic_add(g_base + sl * GW + col, gv, mask=qm, sem="relaxed")
-        tl.debug_barrier()
         # Panel p: row panels (line i, part q) first, then column panels (line j, part q).
         is_col = p >= S * P
         pl = tl.where(is_col, p - S * P, p)
@@ -359,6 +425,37 @@ def _gr_panel_kernel(
         ebase = tl.where(is_col, pq * PWR * S + line, line * S + pq * PWR)
         estride = tl.where(is_col, S, 1)
         width = tl.minimum(PWR, S - pq * PWR)
+        if RULE:
+            slot0 = p * T + b * BM
+            rm = (b * BM + mm) < tl.load(pcount_ptr + p)
+            tok = tl.load(pslot_ptr + slot0 + mm, mask=rm, other=0).to(tl.int64)
+            # G tile from the rule, whole, before the products (computed inside the first
+            # product's chunk loop its temporaries spill the accumulators on sm_90).
+            tl.debug_barrier()
+            for c in tl.static_range(NCH):
+                tl.store(g_base + mm[:, None] * GW + c * BC + bc[None, :],
+                         _gr_rule_gates(lp_ptr, rule_ptr, stride_lp, tok, rm, c, line, is_col, S, BC))
+            tl.debug_barrier()
+        else:
+            slot0 = _gr_start(slotoff_ptr, bslots_ptr, p * T, SCAN_BLOCK) + b * BM
+            slot1 = tl.minimum(slot0 + BM, _gr_start(slotoff_ptr, bslots_ptr, (p + 1) * T, SCAN_BLOCK))
+            rm = (slot0 + mm) < slot1
+            tok = tl.load(slot_tok_ptr + slot0 + mm, mask=rm, other=0).to(tl.int64)
+            pa = tl.load(slot_pair_ptr + slot0)
+            pb = tl.load(slot_pair_ptr + slot1, mask=slot1 < n_slots, other=0)
+            pb = tl.where(slot1 < n_slots, pb, n_pairs)
+            # G tile: zero it, add the block's gates at (slot, column), then read it back per chunk.
+            tl.debug_barrier()
+            for c in tl.static_range(NCH):
+                tl.store(g_base + mm[:, None] * GW + c * BC + bc[None, :], tl.zeros([BM, BC], dtype=tl.float32))
+            tl.debug_barrier()
+            for q0 in range(pa, pb, GBLK):
+                qm = (q0 + gg) < pb
+                sl = tl.load(sslot_ptr + q0 + gg, mask=qm, other=0) - slot0
+                col = tl.load(scol_ptr + q0 + gg, mask=qm, other=0)
+                gv = tl.load(sgate_ptr + q0 + gg, mask=qm, other=0.0)
+                tl.atomic_add(g_base + sl * GW + col, gv, mask=qm, sem="relaxed")
+            tl.debug_barrier()
         xrow = tok * D
         # One BC-chunk of S at a time (plain GEMM loops, X re-read per chunk); H = act(S) o G
         # goes to this program's H tile, which the second product reads back chunk by chunk.
@@ -369,7 +466,9 @@ def _gr_panel_kernel(
                 xt = tl.load(x_ptr + xrow[:, None] + d0 + dd[None, :], mask=rm[:, None] & dm[None, :], other=0.0)
                 ut = _gr_table_tile(up_ptr, ebase, estride, width, c, d0, D, dd, dm, BC)
                 acc = _gr_dot(xt, tl.trans(ut), acc, IEEE)
-            tl.store(h_base + mm[:, None] * GW + c * BC + bc[None, :], _gr_h(acc, g_base, c, mm, GW, BC, ACT, HT))
+            # .cg: the gates were added at L2 by atomics; never read a stale L1 line of an earlier block.
+            g = tl.load(g_base + mm[:, None] * GW + c * BC + bc[None, :], cache_modifier=".cg")
+            tl.store(h_base + mm[:, None] * GW + c * BC + bc[None, :], (_act(acc, ACT) * g).to(HT))
         tl.debug_barrier()
         for d0 in range(0, D, BD2):
             dm = (d0 + dd2) < D
@@ -387,16 +486,17 @@ def _gr_cast_kernel(src_ptr, dst_ptr, n, BLOCK: tl.constexpr):
     tl.store(dst_ptr + offs, tl.load(src_ptr + offs, mask=m, other=0.0).to(dst_ptr.dtype.element_ty), mask=m)
 
 
-def panel_config(N: int, fp32: bool, act: int) -> dict:
+def panel_config(N: int, fp32: bool, act: int, rule: bool = False) -> dict:
     """Constexprs + num_warps (+ num_stages) of `_gr_panel_kernel` (one place; native plugins too).
     fp32 inputs (IEEE dots, no tensor cores: the exact path, not the fast one) use small tiles
-    without software pipelining so that they fit in shared memory."""
+    without software pipelining so that they fit in shared memory. `rule`: slots and gates from
+    the router's rule (rule_launch)."""
     _, _, _, nch = panel_geometry(N)
     if fp32:
         return dict(ACT=act, BM=GR_FP32_BM, BC=GR_BC, NCH=nch, BD=32, BD2=64, GBLK=GR_GATE_BLOCK,
-                    SCAN_BLOCK=GR_SCAN_BLOCK, IEEE=True, num_warps=8, num_stages=1)
+                    SCAN_BLOCK=GR_SCAN_BLOCK, IEEE=True, RULE=bool(rule), num_warps=8, num_stages=1)
     return dict(ACT=act, BM=GR_BM, BC=GR_BC, NCH=nch, BD=GR_BD, BD2=GR_BD2, GBLK=GR_GATE_BLOCK,
-                SCAN_BLOCK=GR_SCAN_BLOCK, IEEE=False, num_warps=GR_WARPS,
+                SCAN_BLOCK=GR_SCAN_BLOCK, IEEE=False, RULE=bool(rule), num_warps=GR_WARPS,
                 num_stages=GR_STAGES)
 
 
@@ -487,9 +587,86 @@ def launch(x, up, down, gates, indices, out, workspace, act: int, *, sort_only: 
     nsteps = panel_steps(N)
     _gr_panel_kernel[(z["nprog"],)](
         x, up, down, scol, sgate, sslot, slot_tok, slot_pair, offsets, slotoff, bsums, bslots, blkoff, gscr, hscr, y32,
-        D, s, P, pwr, npanels, nkey1 - 1, T, nsteps, **cfg,
+        sgate, scol, counts, scol,  # the rule's arguments: not read (RULE=False)
+        D, s, P, pwr, npanels, nkey1 - 1, T, nsteps, 0, **cfg,
     )
     if not fp32:
-        n = T * D
-        cast = cast_config()
-        _gr_cast_kernel[(triton.cdiv(n, cast["BLOCK"]),)](y32, out, n, **cast)
+        _cast(y32, out)
+
+
+def _cast(y32, out) -> None:
+    n = out.numel()
+    cast = cast_config()
+    _gr_cast_kernel[(triton.cdiv(n, cast["BLOCK"]),)](y32, out, n, **cast)
+
+
+# ----------------------------------------------------------------------------- from the router's rule
+def rule_supported(T: int, K: int, N: int) -> bool:
+    """Whether rule_launch takes (T, K, N): the schedule's preconditions, one panel per grid line
+    (P = 1: s <= _MAX_CHUNKS * GR_BC) and the threshold router's K (SMALL_K_MAX < K <= 4096)."""
+    return supported(T, K, N) and panel_geometry(N)[1] == 1 and SMALL_K_MAX < K <= min(4096, N)
+
+
+def rule_route_config(s: int, K: int) -> dict:
+    """Constexprs + num_warps of `_gr_rule_route_kernel`: the threshold router's (same search)."""
+    from .router import threshold_kernel_config
+
+    return threshold_kernel_config(s, K)
+
+
+def rule_workspace_bytes(max_tokens: int, top_k: int, num_experts: int, hidden_size: int) -> int:
+    """Scratch of rule_launch (0 where rule_supported never holds)."""
+    from ._launch import align
+    from .router import topk_workspace_bytes
+
+    if not rule_supported(1, int(top_k), int(num_experts)):
+        return 0
+    T, N = int(max_tokens), int(num_experts)
+    s, npanels = grid_side(N), num_panels(N)
+    return (
+        align(topk_workspace_bytes(T, s, top_k))  # the router's sorted axes and lane prefixes
+        + align(T * 4 * 4)  # rule per token
+        + align(npanels * 4) + align(npanels * T * 4)  # slot counts, slots
+        + align((npanels + 1) * 4)  # work-item offsets per panel
+        + align(GR_PROGRAMS * _tile_rows() * panel_geometry(N)[3] * GR_BC * 4) * 2  # G and H scratch tiles
+        + align(T * int(hidden_size) * 4)  # fp32 accumulator for y
+    )
+
+
+def rule_launch(x, up, down, log_probs, top_k: int, act: int, out, workspace=None) -> None:
+    """out [T, d] = the routed experts of the product-key router's top-K (product gates) on
+    log_probs [T, 2s] fp32 (px then py, unit stride along s), without a pair list: the rule
+    router emits each token's panels, the panel kernel computes their gates from the rule.
+    Unchecked (layer inference hot path): x, up, down contiguous of one dtype, T > 0,
+    rule_supported(T, top_k, N)."""
+    from ._launch import Carver
+    from .router import _WS_ROWS
+
+    T, D = x.shape
+    N, K = up.shape[0], int(top_k)
+    fp32 = x.dtype == torch.float32
+    cfg = panel_config(N, fp32, act, rule=True)
+    s, _, _, nch = panel_geometry(N)
+    npanels = num_panels(N)
+    carver = Carver(workspace, rule_workspace_bytes(T, K, N, D), x.device)
+    ws = carver.take(T * _WS_ROWS * min(K, s), torch.int32)
+    rule = carver.take(T * 4, torch.int32)
+    pcount = carver.take(npanels, torch.int32)
+    pslot = carver.take(npanels * T, torch.int32)
+    blkoff = carver.take(npanels + 1, torch.int32)
+    gscr = carver.take(GR_PROGRAMS * _tile_rows() * nch * GR_BC, torch.float32)
+    hscr = carver.take(GR_PROGRAMS * _tile_rows() * nch * GR_BC, torch.float32)
+    y32 = out if fp32 else carver.take(T * D, torch.float32).view(T, D)
+    pcount.zero_()
+    y32.zero_()
+    _gr_rule_route_kernel[(T,)](log_probs, rule, pcount, pslot, ws.view(torch.float32), ws, s, K, min(K, s),
+                                log_probs.stride(0), T, **rule_route_config(s, K))
+    _gr_rule_blocks_kernel[(1,)](pcount, blkoff, npanels, BM=cfg["BM"], BLOCK=_BLOCKS_BLOCK, num_warps=4)
+    nprog = max(1, min(GR_PROGRAMS, npanels * triton.cdiv(T, cfg["BM"])))
+    _gr_panel_kernel[(nprog,)](
+        x, up, down, pslot, log_probs, pslot, pslot, pslot, pcount, pcount, pcount, pcount, blkoff, gscr, hscr, y32,
+        log_probs, rule, pcount, pslot,  # the pair-list arguments above: not read (RULE=True)
+        D, s, 1, s, npanels, 0, T, panel_steps(N), log_probs.stride(0), **cfg,
+    )
+    if not fp32:
+        _cast(y32, out)

@@ -171,7 +171,8 @@ def _topk_threshold(t, px_ptr, py_ptr, wsf_ptr, wsi_ptr, s, K, KA, stride_px, st
     """Steps 1-3 of the module docstring for token t: the K-th largest score's int32 key theta and
     e_star, such that token t's top-K are the searched candidates with key > theta plus those
     with key == theta and expert < e_star. Leaves the sorted axes and the lanes' emit / tie /
-    strict prefixes in the token's workspace slice. Returns (theta, e_star, n_emit, n_gt, R, NL).
+    strict prefixes in the token's workspace slice. Returns (theta, e_star, n_emit, n_gt, R, NL,
+    cnt_ge): cnt_ge [BLOCK_L] the lanes' counts of candidates with key >= theta.
 
     RULE (the rule is applied to every expert, not only to the searched ranks): e_star is also
     exact when every searched tie is a winner, one above the largest of their ids, instead of
@@ -259,7 +260,7 @@ def _topk_threshold(t, px_ptr, py_ptr, wsf_ptr, wsi_ptr, s, K, KA, stride_px, st
             ehi = tl.where(ok, emid, ehi)
             elo = tl.where(ok, elo, emid + 1)
         e_star = elo
-    return lo.to(tl.int32), e_star, n_emit, n_gt, R, NL
+    return lo.to(tl.int32), e_star, n_emit, n_gt, R, NL, cnt_ge
 
 
 @triton.jit
@@ -271,7 +272,7 @@ def _product_key_topk_kernel(
     SORTED: tl.constexpr,
 ):
     t = tl.program_id(0).to(tl.int64)
-    theta, e_star, n_emit, n_gt, R, NL = _topk_threshold(
+    theta, e_star, n_emit, n_gt, R, NL, _cnt_ge = _topk_threshold(
         t, px_ptr, py_ptr, wsf_ptr, wsi_ptr, s, K, KA, stride_px, stride_py,
         BLOCK_S, BLOCK_L, CHUNK, STEPS_A, STEPS_L, STEPS_N, False)
     xv_ptr, yv_ptr, xi_ptr, yi_ptr, p_ptr, q_ptr, g_ptr = _ws_slices(t, wsf_ptr, wsi_ptr, KA)
@@ -323,7 +324,7 @@ def _product_key_threshold_kernel(
     """Per token only (theta, e_star) of `_topk_threshold`: the top-K as a rule, not a list (the
     dense schedule's GEMM applies it to every (token, expert) it computes)."""
     t = tl.program_id(0).to(tl.int64)
-    theta, e_star, _n_emit, _n_gt, _R, _NL = _topk_threshold(
+    theta, e_star, _n_emit, _n_gt, _R, _NL, _cnt_ge = _topk_threshold(
         t, px_ptr, py_ptr, wsf_ptr, wsi_ptr, s, K, KA, stride_px, stride_py,
         BLOCK_S, BLOCK_L, CHUNK, STEPS_A, STEPS_L, STEPS_N, True)
     tl.store(theta_ptr + t, theta)
