@@ -14,9 +14,15 @@ and its sort phase alone (sort_only), each replayed as a CUDA graph, for variant
   gemm2_one_step     the second product for the first BD2 of d only    }
   gemms_one_step     both                                              }
 
+  no_rule_scatter    (--rule) the rule slots' gates never stored into the gate tile
+
 Variants are written as temporary copies of grid_row.py (triton.jit needs the source in a file);
 the committed module is not touched. `--profile` adds the per-kernel CUDA time of `base`.
 Routing: exact product-key top-K of random per-axis log-probs (bench_schedules' "product").
+`--rule` times grid_row.rule_launch (the layer's schedule for product gates: slots and gates from
+the router's rule, the router included) on log-softmaxed bf16-rounded random logits instead, e.g.
+    python3 scripts/ab_grid_panel.py --rule --configs paper_min,paper_k2048 \
+        --variants "base;base:RULE_BM=128,RULE_WARPS=8,RULE_STAGES=4,RULE_PROGRAMS=396;no_rule_scatter"
 
     python3 scripts/ab_grid_panel.py [--configs paper_min,paper_k4096] [--variants "base;base:GATE_BLOCK=256"] [--profile]
 
@@ -59,6 +65,7 @@ CUTS = {
     "gemm2_one_step": [_GEMM2_ONE_STEP],
     "gemms_one_step": [_GEMM1_ONE_STEP, _GEMM2_ONE_STEP],
     "x_rows_in_l2": [("        xrow = tok * D\n", "        xrow = (tok % 256) * D\n")],
+    "no_rule_scatter": [("        tl.store(g_base + m * GW + idx, tl.exp(score), mask=win)\n", "")],
 }
 
 
@@ -68,6 +75,7 @@ def _variant_module(name: str, params: str, tmp: Path):
     src = Path(grid_row.__file__).read_text()
     src = src.replace("from .experts import", "from omnimoe.kernels.experts import")
     src = src.replace("from ._launch import", "from omnimoe.kernels._launch import")
+    src = src.replace("from .router import", "from omnimoe.kernels.router import")
     for old, new in CUTS[name]:
         if old not in src:
             raise SystemExit(f"variant {name}: grid_row.py no longer contains the code it cuts")
@@ -92,6 +100,7 @@ def main() -> int:
     ap.add_argument("--iters", type=int, default=15)
     ap.add_argument("--profile", action="store_true")
     ap.add_argument("--launches-only", action="store_true", help="two untimed launches per variant (for ncu)")
+    ap.add_argument("--rule", action="store_true", help="time rule_launch (router included) instead of launch")
     args = ap.parse_args()
     variants = [v.partition(":")[::2] for v in args.variants.split(";") if v]
     bad = [c for c in args.configs.split(",") if c not in CONFIGS] + [n for n, _ in variants if n not in CUTS]
@@ -113,6 +122,14 @@ def main() -> int:
             out = torch.empty(T, d, device=dev, dtype=torch.bfloat16)
             for vname, params in variants:
                 m = _variant_module(vname, params, Path(tmp))
+                tag = vname + (":" + params if params else "")
+                if args.rule:
+                    torch.manual_seed(1)
+                    lp = torch.log_softmax(torch.randn(T, 2, s, device=dev).bfloat16().float(), -1).view(T, 2 * s)
+                    ws = torch.empty(m.rule_workspace_bytes(T, K, N, d), device=dev, dtype=torch.uint8)
+                    full, _ = capture_graph(lambda: m.rule_launch(x, up, down, lp, K, 0, out, ws))
+                    print(f"{name} {tag}: rule schedule (router included) {med(full.replay):.3f} ms", flush=True)
+                    continue
                 ws = torch.empty(m.workspace_bytes(T, K, N, d), device=dev, dtype=torch.uint8)
                 if args.launches_only:
                     for _ in range(2):
@@ -122,7 +139,6 @@ def main() -> int:
                 full, _ = capture_graph(lambda: m.launch(x, up, down, gates, idx, out, ws, 0))
                 sort, _ = capture_graph(lambda: m.launch(x, up, down, gates, idx, out, ws, 0, sort_only=True))
                 sort_ms, full_ms = med(sort.replay), med(full.replay)
-                tag = vname + (":" + params if params else "")
                 print(f"{name} {tag}: schedule {full_ms:.3f} ms, sort {sort_ms:.3f}, panel + cast {full_ms - sort_ms:.3f}",
                       flush=True)
             if args.profile:

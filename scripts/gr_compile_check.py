@@ -27,7 +27,7 @@ def main():
     fn = gr._gr_panel_kernel
     sig = {}
     ptr = {"x_ptr": dt, "up_ptr": dt, "down_ptr": dt, "sgate_ptr": "fp32", "gscr_ptr": "fp32", "hscr_ptr": "fp32", "y_ptr": "fp32",
-           "lp_ptr": "fp32"}
+           "wsf_ptr": "fp32"}
     attrs = {}
     for i, p in enumerate(fn.params):
         if p.is_constexpr:

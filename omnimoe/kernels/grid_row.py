@@ -38,7 +38,7 @@ import triton
 import triton.language as tl
 
 from .experts import _SCAN_TOP_BLOCK, _act, _scan_top_kernel
-from .router import SMALL_K_MAX, _f32_key, _topk_threshold, _ws_slices
+from .router import SMALL_K_MAX, _f32_key, _row_of, _topk_threshold, _ws_slices
 
 # Experts per tensor-core chunk of a panel, and at most this many chunks per panel (bounds the
 # per-program G / H scratch tiles). s = 320 (N = 102400): one panel of 5 chunks per row.
@@ -52,6 +52,15 @@ GR_WARPS = 8
 GR_STAGES = 4
 # Slots per block for fp32 inputs.
 GR_FP32_BM = 64
+# The panel kernel from the router's rule (rule_launch, 16-bit): 64 slots, 4 warps, 3 stages, so that
+# two blocks share an SM and one's gate scatter (dependent loads) overlaps the other's products;
+# 2 persistent programs per SM. H200, T = 4096, layer CUDA graph: paper_min 1.081 ms, paper_k2048
+# 1.776, against 1.125 / 1.869 with the pair-list tiles above (panel kernel 0.727 / 1.432 against
+# 0.800 / 1.558); 3 programs per SM 1.176 / 2.059, 2 stages 1.219 / 1.967.
+GR_RULE_BM = 64
+GR_RULE_WARPS = 4
+GR_RULE_STAGES = 3
+GR_RULE_PROGRAMS = 264
 # Persistent programs (each owns one G and one H scratch tile of BM x NCH*BC fp32): 3 per H200 SM
 # (measured at K = 512 / 1024 / 2048, T = 4096: 0.03-0.08 ms faster than 2 per SM).
 GR_PROGRAMS = 396
@@ -276,28 +285,37 @@ def _gr_blocks_kernel(slotoff_ptr, bslots_ptr, blkoff_ptr, NP, T, BM: tl.constex
 
 
 # ----------------------------------------------------------------------------- slots from the router's rule
+# Bits of each field of a rule slot's span (rank of the slot's line, first and end rank along it).
+_SPAN_BITS = 10
+
+
 @triton.jit
-def _gr_rule_route_kernel(lp_ptr, rule_ptr, pcount_ptr, pslot_ptr, wsf_ptr, wsi_ptr, s, K, KA, stride_lp, T,
+def _gr_rule_route_kernel(lp_ptr, rule_ptr, pcount_ptr, pslot_ptr, pspan_ptr, wsf_ptr, wsi_ptr, s, K, KA, stride_lp, T,
                           BLOCK_S: tl.constexpr, BLOCK_L: tl.constexpr, CHUNK: tl.constexpr,
                           STEPS_A: tl.constexpr, STEPS_L: tl.constexpr, STEPS_N: tl.constexpr):
     """Token t's top-K as a rule (router._topk_threshold, RULE) and its panels, no pair list.
 
     In rank space (x rank a, y rank b) the candidates >= theta form a staircase: w(a) of them in
-    rank row a, a prefix of its columns, w non-increasing. Rows a < A and columns b < w(A) cover it
-    for any A; A = argmin A + w(A) over A <= R (the lanes' split, where the minimum lies: A + w(A)
-    is smallest near w(A) ~ A and (A+1) w(A) <= K) is the fewest lines. Each row panel takes its
-    whole grid row; each column panel the x ranks >= A only (rule[t] = theta, e_star, and the
-    (key, index) of x rank A - 1 that bounds them), so every winner is in exactly one panel.
-    Panel p gets t in slot pslot[p*T + atomic count]; ties at theta that lose only cost a line."""
+    rank row a (a prefix of its columns, w non-increasing), c(b) in rank column b. Rows a < A and
+    columns b < w(A) cover it for any A; A = argmin A + w(A) over A <= R (the lanes' split, where
+    the minimum lies: A + w(A) is smallest near w(A) ~ A, and (A+1) w(A) <= K) is the fewest lines.
+    Row panel xi[a] (a < A) takes y ranks [0, w(a)) of row a; column panel yi[b] (b < w(A)) takes
+    x ranks [A, c(b)) of column b: every candidate >= theta in exactly one panel, the rule
+    (rule[t] = theta, e_star) picks the winners among them (ties at theta that lose cost nothing).
+    Panel p gets slot pslot[p*T + n] = t, pspan[p*T + n] = rank | first << 10 | end << 20 (n from
+    an atomic count; the ranks index the token's sorted axes in the router workspace)."""
     t = tl.program_id(0).to(tl.int64)
     theta, e_star, _n_emit, _n_gt, R, NL, cnt_ge = _topk_threshold(
         t, lp_ptr, lp_ptr + s, wsf_ptr, wsi_ptr, s, K, KA, stride_lp, stride_lp,
         BLOCK_S, BLOCK_L, CHUNK, STEPS_A, STEPS_L, STEPS_N, True)
-    xv_ptr, _yv, xi_ptr, yi_ptr, _p, _q, _g = _ws_slices(t, wsf_ptr, wsi_ptr, KA)
+    _xv, _yv, xi_ptr, yi_ptr, cnt_ptr, _q, _g = _ws_slices(t, wsf_ptr, wsi_ptr, KA)
     lanes = tl.arange(0, BLOCK_L)
+    is_row = lanes < R
+    tl.store(cnt_ptr + lanes, cnt_ge, mask=lanes < NL)  # over the emit prefix (unused under RULE)
+    tl.debug_barrier()
     # w(a) = row lane a's count for a < R; w(R) = the column lanes (b, rows >= R) that reach row R.
     w_r = tl.sum(((lanes >= R) & (lanes < NL) & (cnt_ge > 0)).to(tl.int32), axis=0)
-    w = tl.where(lanes < R, cnt_ge, w_r)
+    w = tl.where(is_row, cnt_ge, w_r)
     cost = tl.where(lanes <= R, lanes + w, 1 << 30)
     A = tl.min(tl.where(cost == tl.min(cost, axis=0), lanes, BLOCK_L), axis=0)
     B = tl.sum(tl.where(lanes == A, w, 0), axis=0)
@@ -306,16 +324,27 @@ def _gr_rule_route_kernel(lp_ptr, rule_ptr, pcount_ptr, pslot_ptr, wsf_ptr, wsi_
     i = tl.load(xi_ptr + lanes, mask=am, other=0)
     pos = tl.atomic_add(pcount_ptr + i, 1, mask=am, sem="relaxed")
     tl.store(pslot_ptr + i.to(tl.int64) * T + pos, tt, mask=am)
+    # Spans: rank | first << 10 | end << 20 (_SPAN_BITS; a plain global is not readable here).
+    tl.store(pspan_ptr + i.to(tl.int64) * T + pos, lanes | (w << 20), mask=am)
     for b0 in range(0, B, BLOCK_L):
-        bm = (b0 + lanes) < B
-        p = s + tl.load(yi_ptr + b0 + lanes, mask=bm, other=0)
+        b = b0 + lanes
+        bm = b < B
+        # c(b): the row lanes reaching column b (a prefix: their counts do not increase), plus
+        # column lane b's rows (>= R).
+        lo = tl.zeros_like(b)
+        hi = lo + R
+        for _ in tl.static_range(STEPS_L):
+            mid = (lo + hi) // 2
+            reach = tl.load(cnt_ptr + mid, mask=lo < hi, other=0) > b
+            lo = tl.where((lo < hi) & reach, mid + 1, lo)
+            hi = tl.where((lo < hi) & ~reach, mid, hi)
+        c = lo + tl.load(cnt_ptr + R + b, mask=bm & (R + b < NL), other=0)
+        p = s + tl.load(yi_ptr + b, mask=bm, other=0)
         pos = tl.atomic_add(pcount_ptr + p, 1, mask=bm, sem="relaxed")
         tl.store(pslot_ptr + p.to(tl.int64) * T + pos, tt, mask=bm)
-    last = tl.maximum(A - 1, 0)
-    tl.store(rule_ptr + t * 4, theta)
-    tl.store(rule_ptr + t * 4 + 1, e_star)
-    tl.store(rule_ptr + t * 4 + 2, tl.where(A > 0, _f32_key(tl.load(xv_ptr + last)), 0x7FFFFFFF))
-    tl.store(rule_ptr + t * 4 + 3, tl.where(A > 0, tl.load(xi_ptr + last), -1))
+        tl.store(pspan_ptr + p.to(tl.int64) * T + pos, b | (A << 10) | (c << 20), mask=bm)
+    tl.store(rule_ptr + t * 2, theta)
+    tl.store(rule_ptr + t * 2 + 1, e_star)
 
 
 @triton.jit
@@ -350,47 +379,58 @@ def _gr_dot(a, b, acc, IEEE: tl.constexpr):
 
 
 @triton.jit
-def _gr_rule_gates(lp_ptr, rule_ptr, stride_lp, tok, rm, c, line, is_col, S, BC: tl.constexpr):
-    """[BM, BC] gates of chunk c of a whole-line panel (P = 1) from each slot's router rule.
-    Expert e = i*S + j: i = line, j = k in a row panel; i = k, j = line in a column panel (k the
-    chunk's places). A winner of token t iff key(px[i] + py[j]) > theta, or == theta and e < e_star
-    (router.product_key_threshold_triton, the same fp32 sum); its gate exp(px[i] + py[j]) as the
-    router computes it. A column panel holds only x ranks >= the token's row-panel count A: x
-    log-prob (key, -index) below that of x rank A - 1 (bkey, bidx; A = 0: every x).
-    The per-slot values are re-read per chunk (L1 / L2 hits): held across the first product's loop
-    they spill its accumulators on sm_90."""
-    rule = rule_ptr + tok * 4  # theta, e_star, bkey, bidx (_gr_rule_route_kernel)
-    theta = tl.load(rule, mask=rm, other=0)
-    e_star = tl.load(rule + 1, mask=rm, other=0)
-    bkey = tl.load(rule + 2, mask=rm, other=0)
-    bidx = tl.load(rule + 3, mask=rm, other=0)
-    lp_row = lp_ptr + tok * stride_lp
-    fixed = tl.load(lp_row + tl.where(is_col, S, 0) + line, mask=rm, other=0.0)  # px[i] of a row, py[j] of a column
-    k = c * BC + tl.arange(0, BC)
-    m = rm[:, None] & (k < S)[None, :]
-    var = tl.load(lp_row[:, None] + tl.where(is_col, 0, S) + k[None, :], mask=m, other=0.0)
-    score = fixed[:, None] + var
-    key = _f32_key(score)
-    e = tl.where(is_col, k[None, :] * S + line, line * S + k[None, :])
-    win = m & ((key > theta[:, None]) | ((key == theta[:, None]) & (e < e_star[:, None])))
-    vkey = _f32_key(var)
-    below = (vkey < bkey[:, None]) | ((vkey == bkey[:, None]) & (k[None, :] > bidx[:, None]))
-    win = win & (below | (is_col == 0))
-    return tl.where(win, tl.exp(score), 0.0)
+def _gr_rule_scatter(g_base, incl_ptr, wsf_ptr, wsi_ptr, rule_ptr, pslot_ptr, pspan_ptr, slot0, rm, line, is_col, S, KA,
+                     GW: tl.constexpr, BM: tl.constexpr, GBLK: tl.constexpr):
+    """Gates of a block of rule slots into its zeroed G tile (P = 1: a panel is a whole line).
+    Slot m (token t) spans ranks [first, end) along its line's other axis; the token's sorted axes
+    (router workspace: xv, yv, xi, yi) give each its log-prob and index. Expert e = i*S + j (i =
+    line, j = the index in a row panel; i = the index, j = line in a column panel) wins iff
+    key(px[i] + py[j]) > theta, or == theta and e < e_star, the sum the router formed (same fp32
+    operands); its gate exp(px[i] + py[j]) as the router computes it. The block's spans are walked
+    as one flat list (GBLK per step; a slot by binary search over their inclusive prefix sums in
+    incl_ptr, BM int32 of scratch): the work follows the ~25 ranks per span, not the longest.
+    A slot's indices are distinct: plain stores. Ends with a barrier."""
+    mm = tl.arange(0, BM)
+    span = tl.load(pspan_ptr + slot0 + mm, mask=rm, other=0)
+    n = tl.where(rm, (span >> 20) - ((span >> 10) & 1023), 0)  # _SPAN_BITS
+    tl.store(incl_ptr + mm, tl.cumsum(n, axis=0))
+    total = tl.sum(n, axis=0)
+    tl.debug_barrier()
+    var_off = tl.where(is_col, 0, KA)  # along the line: yv of a row, xv of a column
+    gg = tl.arange(0, GBLK)
+    for q0 in range(0, total, GBLK):
+        q = q0 + gg
+        qm = q < total
+        m, off = _row_of(q, incl_ptr, BM, BM.bit_length())
+        m = tl.where(qm, m, 0)
+        t = tl.load(pslot_ptr + slot0 + m, mask=qm, other=0).to(tl.int64)
+        sp = tl.load(pspan_ptr + slot0 + m, mask=qm, other=0)
+        ws = t * (10 * KA)  # _ws_slices: xv, yv (fp32), xi, yi (int32), 10*KA words per token
+        fixed = tl.load(wsf_ptr + ws + tl.where(is_col, KA, 0) + (sp & 1023), mask=qm, other=0.0)  # xv[a] / yv[b]
+        r = ws + var_off + ((sp >> 10) & 1023) + off
+        score = fixed + tl.load(wsf_ptr + r, mask=qm, other=0.0)
+        idx = tl.load(wsi_ptr + r + 2 * KA, mask=qm, other=0)
+        key = _f32_key(score)
+        theta = tl.load(rule_ptr + t * 2, mask=qm, other=0)
+        e_star = tl.load(rule_ptr + t * 2 + 1, mask=qm, other=0)
+        e = tl.where(is_col, idx * S + line, line * S + idx)
+        win = qm & ((key > theta) | ((key == theta) & (e < e_star)))
+        tl.store(g_base + m * GW + idx, tl.exp(score), mask=win)
+    tl.debug_barrier()
 
 
 @triton.jit
 def _gr_panel_kernel(
     x_ptr, up_ptr, down_ptr, scol_ptr, sgate_ptr, sslot_ptr, slot_tok_ptr, slot_pair_ptr,
     offsets_ptr, slotoff_ptr, bsums_ptr, bslots_ptr, blkoff_ptr, gscr_ptr, hscr_ptr, y_ptr,
-    lp_ptr, rule_ptr, pcount_ptr, pslot_ptr,
-    D, S, P, PWR, NP, NKEY, T, NSTEPS, stride_lp,
+    wsf_ptr, wsi_ptr, rule_ptr, pcount_ptr, pslot_ptr, pspan_ptr,
+    D, S, P, PWR, NP, NKEY, T, NSTEPS, KA,
     ACT: tl.constexpr, BM: tl.constexpr, BC: tl.constexpr, NCH: tl.constexpr, BD: tl.constexpr,
     BD2: tl.constexpr, GBLK: tl.constexpr, SCAN_BLOCK: tl.constexpr, IEEE: tl.constexpr, RULE: tl.constexpr,
 ):
     """RULE=False: slots and gates from the counting sort of the pair list (launch). RULE=True
-    (rule_launch, P = 1): panel p's slots are pslot[p*T : p*T + pcount[p]] and the gate tile is
-    computed from the router's rule (_gr_rule_gates); the sorted-pair arguments are not read."""
+    (rule_launch, P = 1): panel p's slots are pslot[p*T : p*T + pcount[p]] and their gates come
+    from the router's rule (_gr_rule_scatter); the sorted-pair arguments are not read."""
     GW: tl.constexpr = NCH * BC
     pid = tl.program_id(0)
     nprog = tl.num_programs(0)
@@ -429,13 +469,13 @@ def _gr_panel_kernel(
             slot0 = p * T + b * BM
             rm = (b * BM + mm) < tl.load(pcount_ptr + p)
             tok = tl.load(pslot_ptr + slot0 + mm, mask=rm, other=0).to(tl.int64)
-            # G tile from the rule, whole, before the products (computed inside the first
-            # product's chunk loop its temporaries spill the accumulators on sm_90).
+            # G tile: zero it, store the slots' winning gates, then read it back per chunk. The
+            # H tile (written after this) holds the scatter's slot prefix sums meanwhile.
             tl.debug_barrier()
             for c in tl.static_range(NCH):
-                tl.store(g_base + mm[:, None] * GW + c * BC + bc[None, :],
-                         _gr_rule_gates(lp_ptr, rule_ptr, stride_lp, tok, rm, c, line, is_col, S, BC))
-            tl.debug_barrier()
+                tl.store(g_base + mm[:, None] * GW + c * BC + bc[None, :], tl.zeros([BM, BC], dtype=tl.float32))
+            _gr_rule_scatter(g_base, h_base.to(tl.pointer_type(tl.int32)), wsf_ptr, wsi_ptr, rule_ptr, pslot_ptr,
+                             pspan_ptr, slot0, rm, line, is_col, S, KA, GW, BM, GBLK)
         else:
             slot0 = _gr_start(slotoff_ptr, bslots_ptr, p * T, SCAN_BLOCK) + b * BM
             slot1 = tl.minimum(slot0 + BM, _gr_start(slotoff_ptr, bslots_ptr, (p + 1) * T, SCAN_BLOCK))
@@ -492,6 +532,10 @@ def panel_config(N: int, fp32: bool, act: int, rule: bool = False) -> dict:
     without software pipelining so that they fit in shared memory. `rule`: slots and gates from
     the router's rule (rule_launch)."""
     _, _, _, nch = panel_geometry(N)
+    if rule and not fp32:
+        return dict(ACT=act, BM=GR_RULE_BM, BC=GR_BC, NCH=nch, BD=GR_BD, BD2=GR_BD2, GBLK=GR_GATE_BLOCK,
+                    SCAN_BLOCK=GR_SCAN_BLOCK, IEEE=False, RULE=True, num_warps=GR_RULE_WARPS,
+                    num_stages=GR_RULE_STAGES)
     if fp32:
         return dict(ACT=act, BM=GR_FP32_BM, BC=GR_BC, NCH=nch, BD=32, BD2=64, GBLK=GR_GATE_BLOCK,
                     SCAN_BLOCK=GR_SCAN_BLOCK, IEEE=True, RULE=bool(rule), num_warps=8, num_stages=1)
@@ -542,6 +586,11 @@ def _tile_rows() -> int:
     return max(GR_BM, GR_FP32_BM)
 
 
+def _rule_tile_rows() -> int:
+    """Rows of rule_launch's G / H scratch tiles (its 16-bit and fp32 configs)."""
+    return max(GR_RULE_BM, GR_FP32_BM)
+
+
 def launch(x, up, down, gates, indices, out, workspace, act: int, *, sort_only: bool = False) -> None:
     """Run the grid-row schedule (checked inputs: contiguous, T > 0, `supported(T, K, N)`).
     `sort_only` (benchmarks): stop after the counting sort and work list."""
@@ -587,7 +636,7 @@ def launch(x, up, down, gates, indices, out, workspace, act: int, *, sort_only: 
     nsteps = panel_steps(N)
     _gr_panel_kernel[(z["nprog"],)](
         x, up, down, scol, sgate, sslot, slot_tok, slot_pair, offsets, slotoff, bsums, bslots, blkoff, gscr, hscr, y32,
-        sgate, scol, counts, scol,  # the rule's arguments: not read (RULE=False)
+        sgate, scol, scol, counts, scol, scol,  # the rule's arguments: not read (RULE=False)
         D, s, P, pwr, npanels, nkey1 - 1, T, nsteps, 0, **cfg,
     )
     if not fp32:
@@ -604,7 +653,8 @@ def _cast(y32, out) -> None:
 def rule_supported(T: int, K: int, N: int) -> bool:
     """Whether rule_launch takes (T, K, N): the schedule's preconditions, one panel per grid line
     (P = 1: s <= _MAX_CHUNKS * GR_BC) and the threshold router's K (SMALL_K_MAX < K <= 4096)."""
-    return supported(T, K, N) and panel_geometry(N)[1] == 1 and SMALL_K_MAX < K <= min(4096, N)
+    return (supported(T, K, N) and panel_geometry(N)[1] == 1 and grid_side(N) < (1 << _SPAN_BITS)
+            and SMALL_K_MAX < K <= min(4096, N))
 
 
 def rule_route_config(s: int, K: int) -> dict:
@@ -625,10 +675,10 @@ def rule_workspace_bytes(max_tokens: int, top_k: int, num_experts: int, hidden_s
     s, npanels = grid_side(N), num_panels(N)
     return (
         align(topk_workspace_bytes(T, s, top_k))  # the router's sorted axes and lane prefixes
-        + align(T * 4 * 4)  # rule per token
-        + align(npanels * 4) + align(npanels * T * 4)  # slot counts, slots
+        + align(T * 2 * 4)  # rule per token
+        + align(npanels * 4) + align(npanels * T * 4) * 2  # slot counts, slots, spans
         + align((npanels + 1) * 4)  # work-item offsets per panel
-        + align(GR_PROGRAMS * _tile_rows() * panel_geometry(N)[3] * GR_BC * 4) * 2  # G and H scratch tiles
+        + align(GR_RULE_PROGRAMS * _rule_tile_rows() * panel_geometry(N)[3] * GR_BC * 4) * 2  # G and H tiles
         + align(T * int(hidden_size) * 4)  # fp32 accumulator for y
     )
 
@@ -650,23 +700,24 @@ def rule_launch(x, up, down, log_probs, top_k: int, act: int, out, workspace=Non
     npanels = num_panels(N)
     carver = Carver(workspace, rule_workspace_bytes(T, K, N, D), x.device)
     ws = carver.take(T * _WS_ROWS * min(K, s), torch.int32)
-    rule = carver.take(T * 4, torch.int32)
+    rule = carver.take(T * 2, torch.int32)
     pcount = carver.take(npanels, torch.int32)
     pslot = carver.take(npanels * T, torch.int32)
+    pspan = carver.take(npanels * T, torch.int32)
     blkoff = carver.take(npanels + 1, torch.int32)
-    gscr = carver.take(GR_PROGRAMS * _tile_rows() * nch * GR_BC, torch.float32)
-    hscr = carver.take(GR_PROGRAMS * _tile_rows() * nch * GR_BC, torch.float32)
+    gscr = carver.take(GR_RULE_PROGRAMS * _rule_tile_rows() * nch * GR_BC, torch.float32)
+    hscr = carver.take(GR_RULE_PROGRAMS * _rule_tile_rows() * nch * GR_BC, torch.float32)
     y32 = out if fp32 else carver.take(T * D, torch.float32).view(T, D)
     pcount.zero_()
     y32.zero_()
-    _gr_rule_route_kernel[(T,)](log_probs, rule, pcount, pslot, ws.view(torch.float32), ws, s, K, min(K, s),
+    _gr_rule_route_kernel[(T,)](log_probs, rule, pcount, pslot, pspan, ws.view(torch.float32), ws, s, K, min(K, s),
                                 log_probs.stride(0), T, **rule_route_config(s, K))
     _gr_rule_blocks_kernel[(1,)](pcount, blkoff, npanels, BM=cfg["BM"], BLOCK=_BLOCKS_BLOCK, num_warps=4)
-    nprog = max(1, min(GR_PROGRAMS, npanels * triton.cdiv(T, cfg["BM"])))
+    nprog = max(1, min(GR_RULE_PROGRAMS, npanels * triton.cdiv(T, cfg["BM"])))
     _gr_panel_kernel[(nprog,)](
-        x, up, down, pslot, log_probs, pslot, pslot, pslot, pcount, pcount, pcount, pcount, blkoff, gscr, hscr, y32,
-        log_probs, rule, pcount, pslot,  # the pair-list arguments above: not read (RULE=True)
-        D, s, 1, s, npanels, 0, T, panel_steps(N), log_probs.stride(0), **cfg,
+        x, up, down, pslot, gscr, pslot, pslot, pslot, pcount, pcount, pcount, pcount, blkoff, gscr, hscr, y32,
+        ws.view(torch.float32), ws, rule, pcount, pslot, pspan,  # the pair-list arguments above: not read (RULE=True)
+        D, s, 1, s, npanels, 0, T, panel_steps(N), min(K, s), **cfg,
     )
     if not fp32:
         _cast(y32, out)

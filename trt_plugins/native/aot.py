@@ -135,7 +135,8 @@ def _grid_specs(variant) -> list:
     panel_ptrs = (("x_ptr", t), ("up_ptr", t), ("down_ptr", t)) + sorted_ptrs + scans + (
         ("blkoff_ptr", i32), ("gscr_ptr", "fp32"), ("hscr_ptr", "fp32"), ("y_ptr", "fp32"),
         # the rule-driven slots' arguments (RULE=False here: passed, never read)
-        ("lp_ptr", "fp32"), ("rule_ptr", i32), ("pcount_ptr", i32), ("pslot_ptr", i32))
+        ("wsf_ptr", "fp32"), ("wsi_ptr", i32), ("rule_ptr", i32), ("pcount_ptr", i32), ("pslot_ptr", i32),
+        ("pspan_ptr", i32))
     panel_known = (("D", d), ("S", s), ("P", P), ("PWR", pwr), ("NP", npanels), ("NSTEPS", grid_row.panel_steps(N)))
     spec("gr_panel", grid_row._gr_panel_kernel, panel_ptrs, panel_known, grid_row.panel_config(N, fp32, act))
     if not fp32:

@@ -641,7 +641,7 @@ int32_t omnimoe_native_experts_launch(void const* x, void const* up, void const*
         if (status == CUDA_SUCCESS)
             status = gen::launch__gr_panel_kernel(v->grPanel, uint32_t(z.nprog), stream, p(x), p(up), p(down), scol,
                 sgate, sslot, slotTok, slotPair, offsets, slotoff, bsums, bslots, blkoff, gscr, hscr, y32,
-                sgate, scol, counts, scol, // the rule-driven slots' arguments: never read (RULE=False)
+                sgate, scol, scol, counts, scol, scol, // the rule-driven slots' arguments: never read (RULE=False)
                 d, s, P, pwr, np, nkey1 - 1, t32, std::max(1, bitLength(z.npanels)), 0);
         if (status == CUDA_SUCCESS && !fp32)
             status = gen::launch__gr_cast_kernel(v->grCast, uint32_t(cdiv(T * int64_t(d), gen::kGrCastBlock)), stream,
