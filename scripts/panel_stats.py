@@ -3,13 +3,15 @@
 on the CPU: panels per token, token slots per panel and work items per block size (rows filled).
 Routing: the exact top-K (ops.product_key_topk_reference) of log-softmaxed bf16-rounded unit-scale
 random logits, as bench_layer's router gives them; pairs go to the row or column panel holding
-more of their token's pairs (rows on ties), as the schedule assigns them (P = 1 panel per line).
+more of their token's pairs (rows on ties), as the schedule assigns them (P = 1 panel per line);
+and the lines per token of the rule path (grid_row.rule_launch).
 
     python3 scripts/panel_stats.py [--k 512] [--tokens 4096] [--side 320] [--bms 64,128,256]
 """
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from pathlib import Path
 
@@ -47,6 +49,14 @@ def main() -> int:
     for bm in (int(v) for v in args.bms.split(",")):
         items = int(((slots + bm - 1) // bm).sum())
         print(f"  {bm} slots per block: {items} work items, rows filled {int(slots.sum()) / (items * bm):.2f}")
+    # The rule path (grid_row._gr_rule_route_kernel): rank rows a < A and rank columns b < w(A),
+    # w(A) = 1 + the largest y rank of a winner in x ranks >= A, A <= isqrt(K) minimising A + w(A).
+    xr = torch.argsort(torch.argsort(-px, dim=1, stable=True), dim=1).gather(1, rows)
+    yr = torch.argsort(torch.argsort(-py, dim=1, stable=True), dim=1).gather(1, cols)
+    big = torch.iinfo(torch.long).min
+    lines = torch.stack([A + (torch.where(xr >= A, yr, big).max(1).values + 1).clamp_min(0)
+                         for A in range(min(s, math.isqrt(K)) + 1)]).min(0).values
+    print(f"  rule path: lines per token {float(lines.float().mean()):.1f}")
     return 0
 
 

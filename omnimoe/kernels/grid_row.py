@@ -28,6 +28,12 @@ the panel at a time and H = act(S) o G stored to a per-program H tile, which the
 reads back (fp32 accumulators in registers for whole panels spilled on sm_90; measured slower).
 The main kernel is persistent: a fixed number of programs walks the scanned list of
 (panel, block) work items. Everything is sized from T, K, N and d.
+
+From the router's rule (rule_launch: the layer, product gates, K > 64, P = 1): no pair list. One
+router kernel (_gr_rule_route_kernel) finds each token's top-K as a rule (theta, e_star) and the
+fewest grid lines covering its candidates, and enters the token in each with an atomic slot count;
+a slot carries the rank span it covers, and the panel kernel (RULE) scatters each span's winners,
+checked against the rule, into the gate tile. The counting sort and the router's pair list go.
 """
 from __future__ import annotations
 
@@ -54,9 +60,9 @@ GR_STAGES = 4
 GR_FP32_BM = 64
 # The panel kernel from the router's rule (rule_launch, 16-bit): 64 slots, 4 warps, 3 stages, so that
 # two blocks share an SM and one's gate scatter (dependent loads) overlaps the other's products;
-# 2 persistent programs per SM. H200, T = 4096, layer CUDA graph: paper_min 1.081 ms, paper_k2048
-# 1.776, against 1.125 / 1.869 with the pair-list tiles above (panel kernel 0.727 / 1.432 against
-# 0.800 / 1.558); 3 programs per SM 1.176 / 2.059, 2 stages 1.219 / 1.967.
+# 2 persistent programs per SM. H200, T = 4096, the schedule with its router (scripts/ab_grid_panel.py
+# --rule): paper_min 1.008 ms, paper_k2048 1.696, against 1.060 / 1.821 with the pair-list tiles
+# above (3 programs per SM and 2 stages were slower in trials not committed).
 GR_RULE_BM = 64
 GR_RULE_WARPS = 4
 GR_RULE_STAGES = 3
