@@ -494,15 +494,21 @@ def test_gpu_grid_graph_capture_no_alloc():
 
     assert use_grid_row(T, K, N)
     run = lambda: expert_grouped_matmul_triton(x, up, down, gates, idx, "silu", out=out, workspace=ws)  # noqa: E731
+    _allocation_free_and_graph_replays(run, out, 4e-3)  # fp32 atomics: the order may differ, then a bf16 rounding
+
+
+def _allocation_free_and_graph_replays(run, out, tol):
+    """run() (outputs and workspace given) on a side stream allocates nothing, and its CUDA graph's
+    replay reproduces out within tol."""
     run()
     ref = out.clone()
     torch.cuda.synchronize()
     before = torch.cuda.memory_stats()["allocation.all.allocated"]
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
         run()
-    torch.cuda.current_stream().wait_stream(s)
+    torch.cuda.current_stream().wait_stream(side)
     torch.cuda.synchronize()
     assert torch.cuda.memory_stats()["allocation.all.allocated"] == before
     graph = torch.cuda.CUDAGraph()
@@ -511,7 +517,7 @@ def test_gpu_grid_graph_capture_no_alloc():
     out.zero_()
     graph.replay()
     torch.cuda.synchronize()
-    assert rel_err(out, ref) <= 4e-3  # fp32 atomics: the order may differ, then a bf16 rounding
+    assert rel_err(out, ref) <= tol
 
 
 @pytest.mark.gpu
@@ -543,24 +549,8 @@ def test_gpu_rule_bf16_fp32_and_graph(T, d, s, K, kind):
             h = torch.nn.functional.silu(torch.einsum("tkd,td->tk", uu[e], xx)) * gates.to(dtype)
             tol = rel_err(torch.einsum("tk,tkd->td", h, dd_[e]), yr) * 1.05
         assert torch.isfinite(out).all() and rel_err(out, yr) <= tol, (dtype, rel_err(out, yr), tol)
-    ref = out.clone()
-    torch.cuda.synchronize()
-    before = torch.cuda.memory_stats()["allocation.all.allocated"]
-    run = lambda: gr.rule_launch(xx, uu, dd_, lp, K, 0, out, ws)  # noqa: E731
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        run()
-    torch.cuda.current_stream().wait_stream(side)
-    torch.cuda.synchronize()
-    assert torch.cuda.memory_stats()["allocation.all.allocated"] == before
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        run()
-    out.zero_()
-    graph.replay()
-    torch.cuda.synchronize()
-    assert rel_err(out, ref) <= 1e-5  # fp32: only the order of the atomic adds may differ
+    # fp32: only the order of the atomic adds may differ
+    _allocation_free_and_graph_replays(lambda: gr.rule_launch(xx, uu, dd_, lp, K, 0, out, ws), out, 1e-5)
 
 
 if __name__ == "__main__" and "--interpret" in sys.argv:
