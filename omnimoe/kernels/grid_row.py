@@ -512,7 +512,7 @@ def _gr_panel_kernel(
                 xt = tl.load(x_ptr + xrow[:, None] + d0 + dd[None, :], mask=rm[:, None] & dm[None, :], other=0.0)
                 ut = _gr_table_tile(up_ptr, ebase, estride, width, c, d0, D, dd, dm, BC)
                 acc = _gr_dot(xt, tl.trans(ut), acc, IEEE)
-            # .cg: the gates were added at L2 by atomics; never read a stale L1 line of an earlier block.
+            # .cg: the gates were written at L2 (atomics, stores); never read a stale L1 line of an earlier block.
             g = tl.load(g_base + mm[:, None] * GW + c * BC + bc[None, :], cache_modifier=".cg")
             tl.store(h_base + mm[:, None] * GW + c * BC + bc[None, :], (_act(acc, ACT) * g).to(HT))
         tl.debug_barrier()
