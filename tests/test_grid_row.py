@@ -284,6 +284,20 @@ def test_schedule_choice():
     assert ke.expert_workspace_bytes(4096, 512, 102400, 1024) >= gr.workspace_bytes(4096, 512, 102400, 1024)
     assert ke.expert_workspace_bytes(300, 8000, 102400, 64) >= gr.workspace_bytes(300, 8000, 102400, 64)
     assert ke.expert_workspace_bytes(255, 8000, 102400, 64) < gr.workspace_bytes(255, 8000, 102400, 64)
+    # The layer's rule-driven grid lines: product gates, 64 < K <= 4096, one panel per line (s <= 320).
+    assert gr.rule_supported(4096, 512, 102400) and gr.rule_supported(4096, 65, 102400)
+    assert not gr.rule_supported(4096, 64, 102400) and not gr.rule_supported(70_000, 4097, 102400 * 4)
+    assert not gr.rule_supported(4096, 512, 321 * 321) and not gr.rule_supported(4096, 600, 102399)
+    assert gr.rule_workspace_bytes(4096, 64, 102400, 1024) == 0 < gr.rule_workspace_bytes(4096, 512, 102400, 1024)
+    from omnimoe.config import OmniMoEConfig
+    from omnimoe.layer import OmniMoELayer
+
+    x = torch.zeros(4096, 16)
+    for gate, K, N, want in (("product", 512, 102400, True), ("softmax", 512, 102400, False),
+                             ("product", 64, 102400, False), ("product", 512, 321 * 321, False),
+                             ("product", 100, 102400, False)):  # K = 100: too few pairs per expert for grid lines
+        layer = OmniMoELayer(OmniMoEConfig(hidden_size=16, intermediate_size=0, num_experts=N, top_k=K, gate=gate))
+        assert layer._grid_from_rule(x) == want, (gate, K, N)
 
 
 @pytest.mark.parametrize("rule", [False, True])
